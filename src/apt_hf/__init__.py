@@ -1,0 +1,43 @@
+"""apt_hf: APT (Adaptive Pruning and Tuning, Zhao, Hajishirzi & Cao, ICML 2024) for the Hugging Face stack.
+
+Importing the package registers the ``APT`` tuner type with PEFT, so ``peft.get_peft_model(model, APTConfig())``,
+``save_pretrained`` and ``PeftModel.from_pretrained`` work.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .config import APT_PEFT_TYPE, APTConfig
+from .export import export_pruned, load_pruned
+from .layer import APTLinear
+from .masks import APTMasks
+from .model import APTModel, find_apt_model
+
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    """Make PEFT aware of the APT tuner (HF_STACK_NOTES: fill peft.mapping's dicts; string peft types work)."""
+    from peft import mapping
+
+    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[APT_PEFT_TYPE] = APTConfig
+    mapping.PEFT_TYPE_TO_TUNER_MAPPING[APT_PEFT_TYPE] = APTModel
+    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[APT_PEFT_TYPE] = APTModel.prefix
+
+
+_register()
+
+
+def get_masks(model: nn.Module) -> APTMasks:
+    """The structural masks of an APT model: ``.heads[i]``, ``.neurons[i]`` (writable tensors) and ``.hidden``."""
+    return find_apt_model(model).masks
+
+
+def count_params(model: nn.Module) -> int:
+    """Spec B.3 parameter count of the structure kept now (mask > 0)."""
+    return find_apt_model(model).count_params()
+
+
+__all__ = ["APTConfig", "APTLinear", "APTMasks", "APTModel", "count_params", "export_pruned", "get_masks",
+           "load_pruned", "__version__"]

@@ -1,0 +1,201 @@
+"""`APTModel`: the PEFT tuner that wires APT adapters, structural masks and physical pruning into a model."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .arch import CountModel, Layout, describe
+from .config import DEFAULT_TARGET_MODULES, APTConfig
+from .layer import APTLinear, ParamChange
+from .masks import APTMasks, install_mask_hooks, remove_mask_hooks, sizes_of
+from .prune import apply_structure, fold_unit_masks, kept_after
+
+MASKS_ATTR = "apt_masks"
+_PEFT_PREFIX = "base_model.model."
+
+
+class APTModel(BaseTuner):
+    """Injects :class:`~apt_hf.layer.APTLinear` adapters and owns the model's :class:`~apt_hf.masks.APTMasks`.
+
+    Besides PEFT's usual duties (injection, merging, saving), it keeps the structural masks and the record of which
+    original heads / neurons / hidden dimensions are still physically present, so a pruned adapter reloads onto a
+    fresh base model (the structure is rebuilt in :meth:`_remap_adapter_state_dict_for_load`).
+    """
+
+    prefix: str = "apt_"
+    tuner_layer_cls = APTLinear
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    # ------------------------------------------------------------------------------------------ PEFT hooks
+    def _prepare_adapter_config(self, peft_config: APTConfig, model_config: dict) -> APTConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in self.target_module_mapping:
+                raise ValueError(
+                    f"APTConfig.target_modules is None and apt_hf has no default for model_type={model_type!r}; "
+                    "pass target_modules explicitly, e.g. ['q_proj', 'v_proj']."
+                )
+            peft_config.target_modules = list(self.target_module_mapping[model_type])
+        return peft_config
+
+    def _check_new_adapter_config(self, config: APTConfig) -> None:
+        if len(self.peft_config) > 1:
+            raise ValueError("An APT model holds a single adapter; train one APT adapter per model.")
+
+    def _create_and_replace(self, peft_config: APTConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, parameter_name: Optional[str] = None) -> None:
+        if isinstance(target, APTLinear):
+            raise ValueError(f"{current_key} already has an APT adapter; an APT model holds a single adapter.")
+        if not isinstance(target, nn.Linear):
+            raise TypeError(
+                f"target_modules matched {current_key} ({type(target).__name__}); APT adapters wrap torch.nn.Linear "
+                "layers only. Narrow target_modules to linear projections."
+            )
+        r = int(peft_config.rank_pattern.get(current_key, peft_config.r))
+        new = APTLinear(target, adapter_name, r=r, scaling=peft_config.scaling, dropout=peft_config.lora_dropout)
+        self._replace_module(parent, target_name, new, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: APTConfig, adapter_name: str) -> None:
+        layout = describe(model)
+        heads, neurons, hidden = sizes_of(layout)
+        masks = APTMasks(heads, neurons, hidden)
+        device = next(model.parameters()).device
+        setattr(self, MASKS_ATTR, masks.to(device))
+        self._mask_handles = install_mask_hooks(layout, masks)
+        self._layout: Optional[Layout] = layout
+        self.n_params = CountModel.from_layout(layout).count(
+            [torch.ones(h, dtype=torch.bool) for h in heads], [torch.ones(n, dtype=torch.bool) for n in neurons],
+            torch.ones(hidden, dtype=torch.bool))
+
+    # ------------------------------------------------------------------------------------------ structure
+    @property
+    def masks(self) -> APTMasks:
+        return getattr(self, MASKS_ATTR)
+
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            self._layout = describe(self.model)
+        return self._layout
+
+    def count_model(self) -> CountModel:
+        return CountModel.from_layout(self.layout)
+
+    def count_params(self) -> int:
+        """Spec B.3 count of the structure kept now (mask > 0)."""
+        m = self.masks
+        return self.count_model().count([h > 0 for h in m.heads], [n > 0 for n in m.neurons], m.hidden > 0)
+
+    def apt_layers(self) -> dict[str, APTLinear]:
+        """Adapter layers by module name (relative to the transformers model)."""
+        return {name: mod for name, mod in self.model.named_modules() if isinstance(mod, APTLinear)}
+
+    def prune_to_masks(self) -> list[ParamChange]:
+        """Physically remove every head, neuron and hidden dimension whose mask is 0 (spec K.4)."""
+        heads, neurons, hidden = kept_after(self.masks, self.layout)
+        return self.apply_structure(heads, neurons, hidden)
+
+    def apply_structure(self, heads, neurons, hidden) -> list[ParamChange]:
+        changes = apply_structure(self.layout, self.masks, heads, neurons, hidden)
+        if changes:
+            self._layout = None
+        return changes
+
+    def restore_structure(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Physically prune a fresh model to the kept-index record found in a saved adapter state dict."""
+        masks = self.masks
+        keys = {k.split(f"{MASKS_ATTR}.", 1)[1]: v for k, v in state_dict.items() if f"{MASKS_ATTR}." in k}
+        if not keys:
+            return
+
+        def record(name: str, current: torch.Tensor) -> Optional[torch.Tensor]:
+            if name not in keys:
+                raise ValueError(f"The saved APT adapter has no '{name}' record; it is incomplete or was not "
+                                 "saved by apt_hf. Save it again with save_pretrained.")
+            saved = keys[name].to(torch.long).cpu()
+            cur = current.cpu()
+            if saved.numel() and int(saved.max()) >= int(cur.max() + 1 if cur.numel() else 0):
+                raise ValueError(f"The saved APT record '{name}' refers to positions {saved.max().item()} beyond this "
+                                 f"model's {cur.numel()}; the adapter was trained on a different base model.")
+            if torch.equal(saved, cur):
+                return None
+            position = {int(v): j for j, v in enumerate(cur.tolist())}
+            try:
+                return torch.tensor([position[int(v)] for v in saved.tolist()], dtype=torch.long)
+            except KeyError as err:
+                raise ValueError(f"The saved APT record '{name}' keeps position {err} that this model has already "
+                                 "removed; load the adapter onto the original base model.") from None
+
+        n_heads = sum(1 for k in keys if re.fullmatch(r"kept_heads_\d+", k))
+        n_ffn = sum(1 for k in keys if re.fullmatch(r"kept_neurons_\d+", k))
+        if n_heads != len(masks.heads) or n_ffn != len(masks.neurons):
+            raise ValueError(f"The saved APT adapter describes {n_heads} attention and {n_ffn} FFN sites; this model "
+                             f"has {len(masks.heads)} and {len(masks.neurons)}. Use the base model it was trained on.")
+        heads = [record(f"kept_heads_{i}", masks.kept("heads", i)) for i in range(n_heads)]
+        neurons = [record(f"kept_neurons_{i}", masks.kept("neurons", i)) for i in range(n_ffn)]
+        hidden = record("kept_hidden", masks.kept_hidden)
+        self.apply_structure(heads, neurons, hidden)
+
+    # ------------------------------------------------------------------------------------------ save / load
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        for name, module in model.named_modules():
+            if isinstance(module, APTLinear) and adapter_name in module.r:
+                config.rank_pattern[name.removeprefix(_PEFT_PREFIX)] = module.r[adapter_name]
+        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        tuner = model.base_model if isinstance(getattr(model, "base_model", None), APTModel) else model
+        if isinstance(tuner, APTModel):
+            tuner.restore_structure(state_dict)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+    # ------------------------------------------------------------------------------------------ masking on/off
+    def detach_masking(self) -> None:
+        """Remove mask hooks and masked norms (before deep copies or unloading)."""
+        remove_mask_hooks(self.layout, self._mask_handles)
+
+    def attach_masking(self) -> None:
+        self._mask_handles = install_mask_hooks(self.layout, self.masks)
+
+    def binarized_export_copy(self) -> nn.Module:
+        """A merged, physically pruned, mask-free deep copy of the transformers model (spec G, K.9)."""
+        hidden = self.masks.hidden
+        if bool(((hidden > 0) & (hidden < 1)).any()):
+            raise ValueError("The hidden-dimension mask holds fractional values (inside a mask-decay window); "
+                             "export after the pruning event, or set it to 0/1 first.")
+        self.detach_masking()
+        try:
+            clone = copy.deepcopy(self)
+        finally:
+            self.attach_masking()
+        clone._mask_handles = []
+        clone.prune_to_masks()
+        fold_unit_masks(clone.layout, clone.masks)
+        return clone.merge_and_unload()
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        self.detach_masking()
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+
+def find_apt_model(model: nn.Module) -> APTModel:
+    """The :class:`APTModel` inside a PeftModel (or the model itself); a clear error otherwise."""
+    candidates = [model, getattr(model, "base_model", None), getattr(getattr(model, "module", None), "base_model", None)]
+    for c in candidates:
+        if isinstance(c, APTModel):
+            return c
+    for m in model.modules():
+        if isinstance(m, APTModel):
+            return m
+    raise ValueError(
+        f"{type(model).__name__} has no APT adapters. Wrap it first: "
+        "model = peft.get_peft_model(model, apt_hf.APTConfig(...))."
+    )

@@ -1,0 +1,189 @@
+"""Step schedules of APT: pruning events, density targets, adapter budget, distillation weight, mask moves.
+
+Every function here is pure (no model, no global state).  Steps are optimizer steps
+(spec K.8).  Section references are to ``APT_SPEC.md``:
+
+* D.2 -- event steps and the cubic density target with a warm-up plateau;
+* D.3 -- the mask-decay window before each event;
+* D.1 step 5 -- the +/- ``decay`` mask move and the hard 0/1 at the event;
+* E.2 -- the linear adapter-parameter budget;
+* F.3 -- the distillation weight ``mu``.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+__all__ = [
+    "pruning_event_steps",
+    "target_density",
+    "adapter_budget",
+    "distill_mu",
+    "decay_window_start",
+    "mask_step",
+]
+
+
+def _check_window(start: int, end: int) -> None:
+    if start < 0:
+        raise ValueError(f"start must be >= 0 (got {start}); pass the first step of the pruning window.")
+    if end <= start:
+        raise ValueError(
+            f"end must be greater than start (got start={start}, end={end}); "
+            "make the pruning window at least one step long."
+        )
+
+
+def pruning_event_steps(start: int, end: int, num_events: int) -> list[int]:
+    """Steps at which pruning/tuning events happen (spec D.2).
+
+    This is the integer-truncated ``linspace(start, end, num_events + 1)`` with its first
+    point (``start`` itself) dropped, so exactly ``num_events`` steps are returned and the
+    last one is ``end``.  The points are computed in exact integer arithmetic,
+    ``start + floor(k * (end - start) / num_events)`` for ``k = 1 .. num_events``.  This is
+    the mathematically exact truncation; ``int(numpy.linspace(...))`` (the reference code)
+    can be one step lower in rare cases where its float result lands just below an integer
+    (e.g. 64405.99999999999), never for the SST-2 / MNLI schedules.
+
+    Example (SST-2, spec D.2): ``pruning_event_steps(200, 6315, 10)`` gives
+    ``[811, 1423, 2034, 2646, 3257, 3869, 4480, 5092, 5703, 6315]``.
+
+    Raises:
+        ValueError: if ``start < 0``, ``end <= start`` or ``num_events < 1``.
+    """
+    _check_window(start, end)
+    if num_events < 1:
+        raise ValueError(f"num_events must be >= 1 (got {num_events}); ask for at least one pruning event.")
+    span = end - start
+    return [start + (k * span) // num_events for k in range(1, num_events + 1)]
+
+
+def target_density(step: int, *, start: int, end: int, warmup_steps: int, final_density: float) -> float:
+    """Target density (fraction of parameters kept) at ``step`` (spec D.2, J.1).
+
+    ``rho(t) = min(1, rho_T + (1 - rho_T) * ((end - t) / (end - t_w)) ** 3)`` with
+    ``t_w = start + warmup_steps``.  Returns exactly ``1.0`` for ``step <= t_w`` (the
+    warm-up plateau) and exactly ``final_density`` for ``step >= end``.
+
+    Raises:
+        ValueError: if ``start < 0``, ``warmup_steps < 0``, ``final_density`` is not in
+            ``(0, 1]``, or ``end <= start + warmup_steps`` (the warm-up would swallow the
+            whole pruning window, leaving no step at which density can decrease).
+    """
+    if start < 0:
+        raise ValueError(f"start must be >= 0 (got {start}); pass the first step of the pruning window.")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0 (got {warmup_steps}); use 0 for no sparsity warm-up.")
+    if not (0.0 < final_density <= 1.0) or math.isnan(final_density):
+        raise ValueError(
+            f"final_density must be in (0, 1] (got {final_density}); it is the fraction of "
+            "parameters KEPT, e.g. 0.4 for 60% sparsity."
+        )
+    t_w = start + warmup_steps
+    if end <= t_w:
+        raise ValueError(
+            f"end ({end}) must be greater than start + warmup_steps ({start} + {warmup_steps} = {t_w}); "
+            "shorten the sparsity warm-up or extend the pruning window."
+        )
+    if step <= t_w:
+        return 1.0
+    if step >= end:
+        return float(final_density)
+    remaining = (end - step) / (end - t_w)
+    return min(1.0, final_density + (1.0 - final_density) * remaining**3)
+
+
+def adapter_budget(step: int, *, start: int, end: int, initial: int, ratio: float) -> int:
+    """Adapter-parameter budget ``Delta(t)`` at ``step`` (spec E.2).
+
+    Linear from ``initial`` at ``start`` to ``ratio * initial`` at ``end``, constant
+    outside ``[start, end]``; the floor of the exact value is returned.  For RoBERTa SST-2
+    (``initial = 663552``, ``ratio = 4``) the values at the ten events are about 1.30, 1.60,
+    ..., 4.00 times ``initial``.
+
+    Raises:
+        ValueError: if ``start < 0``, ``end <= start``, ``initial < 0`` or ``ratio`` is not a
+            positive finite number.
+    """
+    _check_window(start, end)
+    if initial < 0:
+        raise ValueError(f"initial must be >= 0 (got {initial}); pass the initial number of adapter parameters.")
+    if not math.isfinite(ratio) or ratio <= 0:
+        raise ValueError(f"ratio must be a positive finite number (got {ratio}); the paper uses 4.0.")
+    frac = Fraction(min(max(step, start), end) - start, end - start)
+    value = initial * (1 + (Fraction(ratio) - 1) * frac)
+    return math.floor(value)
+
+
+def distill_mu(step: int, *, start: int, end: int) -> float:
+    """Distillation weight ``mu = min(1, max(0, (t - t_s) / (t_e - t_s)))`` (spec F.3).
+
+    The total loss is ``mu * L_distill + (1 - mu) * L_task``; ``mu`` rises linearly over the
+    pruning window and stays at 1 afterwards.
+
+    Raises:
+        ValueError: if ``start < 0`` or ``end <= start``.
+    """
+    _check_window(start, end)
+    return min(1.0, max(0.0, (step - start) / (end - start)))
+
+
+def decay_window_start(event_step: int, previous_event_step: int | None, window: int, first_start: int) -> int:
+    """First step of the mask-decay window that precedes ``event_step`` (spec D.3).
+
+    Masks move during the last ``window`` steps before each event, but a window never
+    opens before the previous event (or, for the first event, before ``first_start``, the
+    start of the pruning window): ``max(event_step - window, previous_event_step or first_start)``.
+
+    Raises:
+        ValueError: if ``window < 0``, if ``previous_event_step >= event_step``, or if
+            ``first_start > event_step`` (the window would open after its own event).
+    """
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (got {window}); the reference uses 200 steps.")
+    if previous_event_step is not None:
+        if previous_event_step >= event_step:
+            raise ValueError(
+                f"previous_event_step ({previous_event_step}) must be smaller than event_step ({event_step}); "
+                "pass the events in increasing order."
+            )
+        floor = previous_event_step
+    else:
+        if first_start > event_step:
+            raise ValueError(
+                f"first_start ({first_start}) must not exceed event_step ({event_step}); "
+                "the first event must lie inside the pruning window."
+            )
+        floor = first_start
+    return max(event_step - window, floor)
+
+
+def mask_step(mask: torch.Tensor, keep: torch.Tensor, decay: float, hard: bool) -> torch.Tensor:
+    """One mask move towards the kept set (spec D.1 step 5).
+
+    Kept entries become ``min(1, m + decay)``, the others ``max(0, m - decay)``.  With
+    ``hard=True`` (the last update before an event) kept entries become exactly 1 and the
+    others exactly 0.  Returns a new tensor with ``mask``'s dtype and device; ``mask`` is
+    not modified.
+
+    Raises:
+        ValueError: if ``keep`` is not a bool tensor of ``mask``'s shape, or ``decay`` is
+            negative or not finite.
+    """
+    if keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a bool tensor (got dtype {keep.dtype}); pass e.g. `scores > threshold`.")
+    if keep.shape != mask.shape:
+        raise ValueError(
+            f"keep has shape {tuple(keep.shape)} but mask has shape {tuple(mask.shape)}; they must match."
+        )
+    if not math.isfinite(decay) or decay < 0:
+        raise ValueError(f"decay must be a finite number >= 0 (got {decay}); the reference uses 0.01.")
+    keep = keep.to(mask.device)
+    if hard:
+        return keep.to(mask.dtype)
+    up = torch.clamp(mask + decay, max=1.0)
+    down = torch.clamp(mask - decay, min=0.0)
+    return torch.where(keep, up, down).to(mask.dtype)

@@ -1,0 +1,234 @@
+"""Salience-density binary search for the kept structure (spec D.1, B.3).
+
+Blocks are attention heads, FFN neurons and hidden dimensions.  Each block's density is
+``salience / cost``.  All blocks are ranked jointly (heads, then neurons, then dims; stable
+sort by density, descending), and the largest prefix of that ranking whose parameter count
+(evaluated by a caller-supplied ``count_fn``, e.g. the B.3 formula) fits the budget is kept.
+
+The module is pure: it only touches the tensors it is given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["search_kept", "CountFn"]
+
+CountFn = Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], float]
+
+
+def _check_scores(scores: torch.Tensor, what: str) -> None:
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
+        raise ValueError(f"{what} scores must be 1-D tensors; got {type(scores).__name__} "
+                         f"with shape {tuple(getattr(scores, 'shape', ()))}.")
+    if scores.numel() and not bool(torch.isfinite(scores).all()):
+        raise ValueError(
+            f"{what} scores contain NaN or inf; check the salience accumulation (e.g. fp16 overflow) "
+            "before calling the search."
+        )
+
+
+def _expand_costs(cost: Sequence[float] | float, n_layers: int, what: str) -> list[float]:
+    if isinstance(cost, (list, tuple)):
+        costs = [float(c) for c in cost]
+        if len(costs) != n_layers:
+            raise ValueError(
+                f"{what} cost has {len(costs)} entries but there are {n_layers} {what} layers; "
+                "pass one cost per layer or a single scalar."
+            )
+    else:
+        costs = [float(cost)] * n_layers
+    for c in costs:
+        if not math.isfinite(c) or c <= 0:
+            raise ValueError(f"{what} cost must be a positive finite number (got {c}).")
+    return costs
+
+
+def _repair_gqa_layer(kept: torch.Tensor, rank: torch.Tensor, dens: torch.Tensor, group: int) -> torch.Tensor:
+    """Make every surviving key/value group of one GQA layer keep the same number of heads.
+
+    ``kept``, ``rank`` and ``dens`` are the layer's kept mask, global rank positions and
+    densities; heads ``g*group .. g*group+group-1`` form group ``g``.  Only heads already in
+    ``kept`` are candidates, so the result is a subset of ``kept``.
+    """
+    n_heads = kept.numel()
+    if group <= 1 or not bool(kept.any()):
+        return kept
+    n_groups = n_heads // group
+    kept_g = kept.view(n_groups, group)
+    # Order each group's heads by global rank (kept heads first, best density first).
+    big = torch.iinfo(rank.dtype).max
+    order = torch.argsort(torch.where(kept_g, rank.view(n_groups, group), big), dim=1, stable=True)
+    dens_sorted = torch.gather(torch.where(kept_g, dens.view(n_groups, group), 0.0), 1, order)
+    top_sum = torch.cumsum(dens_sorted, dim=1)  # top_sum[g, c-1]: sum of the c best kept densities
+    n_kept = kept_g.sum(dim=1)
+
+    best: tuple[float, int, int] | None = None  # (total density, kept heads, c)
+    for c in range(1, group + 1):
+        eligible = n_kept >= c
+        n_g = int(eligible.sum())
+        if n_g == 0:
+            break
+        total = float(top_sum[:, c - 1][eligible].sum())
+        key = (total, n_g * c, c)
+        if best is None or key > best:
+            best = key
+    assert best is not None
+    c = best[2]
+    eligible = n_kept >= c
+    pos = torch.empty_like(order)
+    pos.scatter_(1, order, torch.arange(group).expand(n_groups, group).contiguous())
+    new_kept = (pos < c) & eligible.unsqueeze(1)
+    return new_kept.reshape(n_heads)
+
+
+def search_kept(
+    head_scores: list[torch.Tensor],
+    neuron_scores: list[torch.Tensor],
+    hidden_scores: torch.Tensor,
+    count_fn: CountFn,
+    head_cost: list[float] | float,
+    neuron_cost: list[float] | float,
+    hidden_cost: float,
+    budget: float,
+    head_groups: list[int] | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Choose the kept heads, neurons and hidden dimensions under a parameter budget (spec D.1).
+
+    Steps (D.1 1-4):
+
+    1. density of each block = score / cost (``head_cost[l]`` / ``neuron_cost[l]`` per layer,
+       or one scalar for all layers; ``hidden_cost`` for every dimension; B.3 gives the costs);
+    2. concatenate all heads (layer by layer), then all neurons, then all dimensions, and
+       sort jointly by density, descending, with a stable sort (ties keep that order);
+    3. binary-search the LARGEST prefix length ``i`` with ``count_fn(prefix_i) <= budget``,
+       using ``O(log n)`` calls of ``count_fn`` (which must be monotone non-decreasing in each
+       kept set);
+    4. the prefix is kept.
+
+    Grouped-query attention (beyond the reference code, which has no GQA): if
+    ``head_groups`` is given, ``head_groups[l]`` is the number of query heads that share one
+    key/value head in attention layer ``l`` (group ``g`` = heads ``g*G .. g*G+G-1``; 1 means
+    plain multi-head attention).  After the prefix is chosen, each GQA layer with ``k`` kept
+    heads is repaired so that every surviving group keeps the same number ``c`` of query
+    heads: for each ``c`` in ``1..G`` the candidate arrangement keeps, in every group that has
+    at least ``c`` heads in the prefix, its ``c`` best prefix heads (so ``n_g * c <= k``); the
+    arrangement with the highest total density wins (ties: more kept heads, then larger
+    ``c``).  Candidates are drawn from the prefix only, so the repair only ever REMOVES heads
+    and, ``count_fn`` being monotone, the result stays within the budget.  Freed budget is not
+    re-filled.
+
+    Args:
+        head_scores: per attention layer, a 1-D salience tensor over its heads (may be empty).
+        neuron_scores: per FFN layer, a 1-D salience tensor over its neurons (may be empty).
+        hidden_scores: 1-D salience over hidden dimensions.
+        count_fn: ``count_fn(kept_heads, kept_neurons, kept_hidden)`` -> parameter count, where
+            the arguments are bool tensors shaped like the score tensors.
+        head_cost, neuron_cost: per-layer block cost (list) or one scalar; must be > 0.
+        hidden_cost: cost of one hidden dimension; must be > 0.
+        budget: the largest allowed count, e.g. ``rho_t * n_params`` of the original model.
+        head_groups: optional query heads per key/value group, one entry per attention layer.
+
+    Returns:
+        ``(kept_heads, kept_neurons, kept_hidden)``: bool tensors shaped like the inputs.
+
+    Raises:
+        ValueError: on NaN/inf scores (naming the block type), non-1-D scores, mismatched
+            cost / group lists, non-positive costs, head counts not divisible by their group
+            size, a NaN budget, or a budget below the count of the empty structure ("target
+            is impossible").
+    """
+    head_scores = list(head_scores)
+    neuron_scores = list(neuron_scores)
+    for s in head_scores:
+        _check_scores(s, "head")
+    for s in neuron_scores:
+        _check_scores(s, "neuron")
+    _check_scores(hidden_scores, "hidden-dimension")
+    head_costs = _expand_costs(head_cost, len(head_scores), "head")
+    neuron_costs = _expand_costs(neuron_cost, len(neuron_scores), "neuron")
+    hidden_c = _expand_costs(hidden_cost, 1, "hidden-dimension")[0]
+    if math.isnan(budget):
+        raise ValueError("budget is NaN; pass rho_t * n_params of the original model.")
+    if head_groups is not None:
+        if len(head_groups) != len(head_scores):
+            raise ValueError(
+                f"head_groups has {len(head_groups)} entries but there are {len(head_scores)} attention "
+                "layers; pass one group size per attention layer."
+            )
+        for layer, (g, s) in enumerate(zip(head_groups, head_scores)):
+            if int(g) < 1 or s.numel() % int(g) != 0:
+                raise ValueError(
+                    f"attention layer {layer} has {s.numel()} heads, which is not a multiple of its "
+                    f"group size {g}; head_groups[l] must be the query heads per key/value head (>= 1)."
+                )
+
+    head_sizes = [s.numel() for s in head_scores]
+    neuron_sizes = [s.numel() for s in neuron_scores]
+    n_hidden = hidden_scores.numel()
+    device = hidden_scores.device
+
+    def per_block(scores: list[torch.Tensor], costs: list[float]) -> list[torch.Tensor]:
+        return [s.detach().to(device=device, dtype=torch.float64) / c for s, c in zip(scores, costs)]
+
+    parts = per_block(head_scores, head_costs) + per_block(neuron_scores, neuron_costs)
+    parts.append(hidden_scores.detach().to(dtype=torch.float64) / hidden_c)
+    density = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+    n = density.numel()
+
+    order = torch.sort(density, descending=True, stable=True).indices
+    rank = torch.empty(n, dtype=torch.long, device=device)
+    rank[order] = torch.arange(n, device=device)
+
+    split_sizes = head_sizes + neuron_sizes + [n_hidden]
+    n_head_layers = len(head_sizes)
+    n_neuron_layers = len(neuron_sizes)
+
+    def unpack(kept: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        chunks = list(torch.split(kept, split_sizes))
+        return (
+            chunks[:n_head_layers],
+            chunks[n_head_layers : n_head_layers + n_neuron_layers],
+            chunks[-1],
+        )
+
+    def count(i: int) -> float:
+        return float(count_fn(*unpack(rank < i)))
+
+    empty_count = count(0)
+    if not empty_count <= budget:
+        raise ValueError(
+            f"target is impossible: even the empty structure counts {empty_count} parameters, "
+            f"above the budget {budget}; raise the target density."
+        )
+
+    # Largest i in [0, n] with count(i) <= budget; invariant: lo feasible, hi infeasible.
+    if count(n) <= budget:
+        best = n
+    else:
+        lo, hi = 0, n
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if count(mid) <= budget:
+                lo = mid
+            else:
+                hi = mid
+        best = lo
+
+    kept_heads, kept_neurons, kept_hidden = unpack(rank < best)
+    kept_heads = [k.clone() for k in kept_heads]
+    kept_neurons = [k.clone() for k in kept_neurons]
+    kept_hidden = kept_hidden.clone()
+
+    if head_groups is not None:
+        head_rank = torch.split(rank[: sum(head_sizes)], head_sizes)
+        head_dens = torch.split(density[: sum(head_sizes)], head_sizes)
+        kept_heads = [
+            _repair_gqa_layer(k, r, d, int(g))
+            for k, r, d, g in zip(kept_heads, head_rank, head_dens, head_groups)
+        ]
+
+    return kept_heads, kept_neurons, kept_hidden

@@ -1,0 +1,204 @@
+"""Tests for apt_hf.schedule (spec D.1-D.3, E.2, F.3), anchored on the SST-2 example."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from apt_hf.schedule import (
+    adapter_budget,
+    decay_window_start,
+    distill_mu,
+    mask_step,
+    pruning_event_steps,
+    target_density,
+)
+
+E = 2105  # SST-2 steps per epoch
+START = 200
+END = 3 * E  # 6315
+WARMUP = E
+EVENTS = [811, 1423, 2034, 2646, 3257, 3869, 4480, 5092, 5703, 6315]
+DENSITIES = [1.0, 1.0, 1.0, 0.8596, 0.6661, 0.5362, 0.4575, 0.4170, 0.4021, 0.4000]
+DELTA0 = 663_552
+
+
+# ---------------------------------------------------------------- events (D.2)
+
+
+def test_sst2_events() -> None:
+    assert pruning_event_steps(START, END, 10) == EVENTS
+
+
+def test_events_basic_properties() -> None:
+    steps = pruning_event_steps(0, 7, 3)
+    assert steps == [2, 4, 7]
+    assert pruning_event_steps(5, 6, 1) == [6]
+    # more events than steps: truncation repeats steps but the last is always `end`
+    steps = pruning_event_steps(0, 2, 4)
+    assert steps == [0, 1, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "args, word",
+    [((-1, 10, 2), "start"), ((10, 10, 2), "end"), ((10, 5, 2), "end"), ((0, 10, 0), "num_events")],
+)
+def test_events_errors(args: tuple[int, int, int], word: str) -> None:
+    with pytest.raises(ValueError, match=word):
+        pruning_event_steps(*args)
+
+
+# ---------------------------------------------------------------- density (D.2)
+
+
+def test_sst2_densities() -> None:
+    got = [target_density(t, start=START, end=END, warmup_steps=WARMUP, final_density=0.4) for t in EVENTS]
+    assert [round(x, 4) for x in got] == DENSITIES
+    assert got[:3] == [1.0, 1.0, 1.0]
+    assert got[-1] == 0.4
+
+
+def test_density_plateau_and_end() -> None:
+    kw = dict(start=START, end=END, warmup_steps=WARMUP, final_density=0.4)
+    assert target_density(0, **kw) == 1.0
+    assert target_density(START + WARMUP, **kw) == 1.0
+    assert target_density(END, **kw) == 0.4
+    assert target_density(END + 1000, **kw) == 0.4
+    vals = [target_density(t, **kw) for t in range(START, END + 1, 37)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    assert all(0.4 <= v <= 1.0 for v in vals)
+    assert target_density(5000, start=0, end=10, warmup_steps=0, final_density=1.0) == 1.0
+
+
+def test_density_errors() -> None:
+    with pytest.raises(ValueError, match="warmup"):
+        target_density(5, start=0, end=10, warmup_steps=10, final_density=0.4)
+    with pytest.raises(ValueError, match="warmup"):
+        target_density(5, start=0, end=10, warmup_steps=20, final_density=0.4)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        target_density(5, start=0, end=10, warmup_steps=-1, final_density=0.4)
+    with pytest.raises(ValueError, match="start"):
+        target_density(5, start=-1, end=10, warmup_steps=0, final_density=0.4)
+    for bad in (0.0, -0.1, 1.5, math.nan):
+        with pytest.raises(ValueError, match="final_density"):
+            target_density(5, start=0, end=10, warmup_steps=0, final_density=bad)
+
+
+# ---------------------------------------------------------------- adapter budget (E.2)
+
+
+def test_sst2_adapter_budget() -> None:
+    got = [adapter_budget(t, start=START, end=END, initial=DELTA0, ratio=4.0) for t in EVENTS]
+    ratios = [g / DELTA0 for g in got]
+    expected = [1.3, 1.6, 1.9, 2.2, 2.5, 2.8, 3.1, 3.4, 3.7, 4.0]
+    assert all(isinstance(g, int) for g in got)
+    assert ratios == pytest.approx(expected, abs=0.005)
+    assert got[-1] == 4 * DELTA0
+    # exact floor of the linear formula
+    for t, g in zip(EVENTS, got):
+        assert g == math.floor(DELTA0 + 3 * DELTA0 * (t - START) / (END - START) + 1e-9)
+
+
+def test_adapter_budget_clamped() -> None:
+    kw = dict(start=100, end=200, initial=1000, ratio=4.0)
+    assert adapter_budget(0, **kw) == 1000
+    assert adapter_budget(100, **kw) == 1000
+    assert adapter_budget(150, **kw) == 2500
+    assert adapter_budget(200, **kw) == 4000
+    assert adapter_budget(10_000, **kw) == 4000
+    assert adapter_budget(101, start=0, end=3, initial=10, ratio=1.5) == 15
+    assert adapter_budget(1, start=0, end=3, initial=10, ratio=1.5) == 11  # 11.66 floored
+
+
+def test_adapter_budget_errors() -> None:
+    with pytest.raises(ValueError, match="end"):
+        adapter_budget(0, start=5, end=5, initial=10, ratio=4.0)
+    with pytest.raises(ValueError, match="initial"):
+        adapter_budget(0, start=0, end=5, initial=-1, ratio=4.0)
+    with pytest.raises(ValueError, match="ratio"):
+        adapter_budget(0, start=0, end=5, initial=10, ratio=0.0)
+    with pytest.raises(ValueError, match="ratio"):
+        adapter_budget(0, start=0, end=5, initial=10, ratio=math.inf)
+
+
+# ---------------------------------------------------------------- mu (F.3)
+
+
+def test_distill_mu() -> None:
+    assert distill_mu(0, start=START, end=END) == 0.0
+    assert distill_mu(START, start=START, end=END) == 0.0
+    assert distill_mu(END, start=START, end=END) == 1.0
+    assert distill_mu(44_747, start=START, end=END) == 1.0
+    # spec F.3: at distillation start (step 2647) mu is about 0.4
+    assert distill_mu(2647, start=START, end=END) == pytest.approx((2647 - 200) / 6115)
+    assert round(distill_mu(2647, start=START, end=END), 1) == 0.4
+    with pytest.raises(ValueError, match="end"):
+        distill_mu(0, start=10, end=3)
+
+
+# ---------------------------------------------------------------- decay window (D.3)
+
+
+def test_decay_window_start() -> None:
+    assert decay_window_start(2646, 2034, 200, START) == 2446  # spec section 0 timeline
+    assert decay_window_start(811, None, 200, START) == 611
+    assert decay_window_start(300, None, 200, START) == START  # never before the pruning start
+    assert decay_window_start(1000, 900, 200, START) == 900  # never before the previous event
+    assert decay_window_start(1000, 0, 2000, 0) == 0  # previous event 0 is honoured
+    starts = []
+    prev = None
+    for ev in EVENTS:
+        starts.append(decay_window_start(ev, prev, 200, START))
+        prev = ev
+    assert starts == [e - 200 for e in EVENTS]
+
+
+def test_decay_window_errors() -> None:
+    with pytest.raises(ValueError, match="window"):
+        decay_window_start(10, None, -1, 0)
+    with pytest.raises(ValueError, match="previous_event_step"):
+        decay_window_start(10, 10, 5, 0)
+    with pytest.raises(ValueError, match="first_start"):
+        decay_window_start(10, None, 5, 11)
+
+
+# ---------------------------------------------------------------- mask moves (D.1 step 5)
+
+
+def test_mask_step_soft() -> None:
+    m = torch.tensor([1.0, 0.995, 0.5, 0.5, 0.004, 0.0])
+    keep = torch.tensor([True, True, True, False, False, False])
+    out = mask_step(m, keep, 0.01, hard=False)
+    assert torch.allclose(out, torch.tensor([1.0, 1.0, 0.51, 0.49, 0.0, 0.0]))
+    assert out.dtype == m.dtype
+    assert m[2] == 0.5  # input untouched
+    assert out.data_ptr() != m.data_ptr()
+
+
+def test_mask_step_hard_and_dtype() -> None:
+    m = torch.tensor([[0.3, 0.7], [0.0, 1.0]], dtype=torch.float16)
+    keep = torch.tensor([[True, False], [True, False]])
+    out = mask_step(m, keep, 0.01, hard=True)
+    assert out.dtype == torch.float16
+    assert torch.equal(out, torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float16))
+
+
+def test_mask_step_hundred_steps_reach_zero() -> None:
+    m = torch.ones(3)
+    keep = torch.tensor([False, True, False])
+    for _ in range(100):
+        m = mask_step(m, keep, 0.01, hard=False)
+    assert torch.allclose(m, torch.tensor([0.0, 1.0, 0.0]), atol=1e-5)
+    assert bool((m >= 0).all()) and bool((m <= 1).all())
+
+
+def test_mask_step_errors() -> None:
+    m = torch.ones(3)
+    with pytest.raises(ValueError, match="bool"):
+        mask_step(m, torch.ones(3), 0.01, hard=False)
+    with pytest.raises(ValueError, match="shape"):
+        mask_step(m, torch.ones(4, dtype=torch.bool), 0.01, hard=False)
+    with pytest.raises(ValueError, match="decay"):
+        mask_step(m, torch.ones(3, dtype=torch.bool), -0.01, hard=False)
