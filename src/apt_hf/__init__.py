@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from .callback import APTCallback
 from .config import APT_PEFT_TYPE, APTConfig
 from .export import export_pruned, load_pruned
 from .layer import APTLinear
 from .masks import APTMasks
 from .model import APTModel, find_apt_model
+from .trainer import APTTrainer
 
 __version__ = "0.1.0"
 
@@ -39,5 +41,5 @@ def count_params(model: nn.Module) -> int:
     return find_apt_model(model).count_params()
 
 
-__all__ = ["APTConfig", "APTLinear", "APTMasks", "APTModel", "count_params", "export_pruned", "get_masks",
+__all__ = ["APTCallback", "APTConfig", "APTTrainer", "find_apt_model", "APTLinear", "APTMasks", "APTModel", "count_params", "export_pruned", "get_masks",
            "load_pruned", "__version__"]

@@ -20,6 +20,7 @@ from .masks import sizes_of
 from .model import find_apt_model
 from .prune import apply_structure
 from .masks import APTMasks
+from .t5 import kept_heads as t5_kept_heads
 
 STRUCTURE_FILE = "apt_structure.json"
 FORMAT_VERSION = 1
@@ -29,7 +30,7 @@ def structure_record(model: nn.Module) -> dict[str, Any]:
     """Per-site shapes of a (pruned) transformers model."""
     layout = describe(model)
     heads, neurons, hidden = sizes_of(layout)
-    return {
+    record = {
         "format_version": FORMAT_VERSION,
         "family": layout.family,
         "hidden_size": hidden,
@@ -37,6 +38,9 @@ def structure_record(model: nn.Module) -> dict[str, Any]:
         "kv_heads": [s.num_kv_heads for s in layout.attentions],
         "neurons": neurons,
     }
+    if layout.family == "t5":  # which original heads each block keeps: its slice of the shared position bias
+        record["t5_kept_heads"] = [t5_kept_heads(s.core) for s in layout.attentions]
+    return record
 
 
 def export_pruned(model: nn.Module, output_dir: Union[str, os.PathLike], overwrite: bool = False,
@@ -91,6 +95,13 @@ def _shape_model(model: nn.Module, record: dict[str, Any]) -> None:
                              f"architecture cannot hold; the export is corrupted.")
         head_idx.append(torch.tensor([j * g + t for j in range(n_kv) for t in range(per_group)], dtype=torch.long)
                         if g > 1 else torch.arange(n_q))
+    if "t5_kept_heads" in record:  # the fresh model is full, so original indices are current indices
+        kept = record["t5_kept_heads"]
+        if len(kept) != len(heads) or any(len(k) != n or len(set(k)) != n or any(not 0 <= i < h for i in k)
+                                          for k, n, h in zip(kept, record["heads"], heads)):
+            raise ValueError(f"{STRUCTURE_FILE} has t5_kept_heads that disagree with its head counts; "
+                             "the export is corrupted.")
+        head_idx = [torch.tensor(k, dtype=torch.long) for k in kept]
     masks = APTMasks(heads, neurons, hidden)
     apply_structure(layout, masks, head_idx, [torch.arange(n) for n in record["neurons"]],
                     torch.arange(record["hidden_size"]))

@@ -141,6 +141,10 @@ class APTModel(BaseTuner):
         neurons = [record(f"kept_neurons_{i}", masks.kept("neurons", i)) for i in range(n_ffn)]
         hidden = record("kept_hidden", masks.kept_hidden)
         self.apply_structure(heads, neurons, hidden)
+        for name, layer in self.apt_layers().items():
+            for key, value in state_dict.items():
+                if key.endswith((f".{name}.apt_A", f".{name}.apt_A.{self.active_adapter}")) or key == f"{name}.apt_A":
+                    layer.grow_rank(self.active_adapter, value.shape[0])
 
     # ------------------------------------------------------------------------------------------ save / load
     @classmethod

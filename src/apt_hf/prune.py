@@ -14,6 +14,7 @@ from torch import nn
 from .arch import AttentionSite, FFNSite, Layout, base_linear
 from .layer import APTLinear, ParamChange, replace_param, select_linear
 from .masks import APTMasks
+from .t5 import prune_attention as prune_t5_attention
 
 
 class EmptyAttention(nn.Module):
@@ -102,6 +103,11 @@ def prune_heads(layout: Layout, i: int, heads: torch.Tensor, changes: list[Param
     _select(site.o, None, q_rows, changes)
     core = site.core
     n = len(heads)
+    if layout.family == "t5":  # per-block slices of the shared position bias (apt_hf.t5)
+        prune_t5_attention(core, heads, dh)
+        if n == 0:
+            site.q = site.k = site.v = None
+        return
     if n == 0:
         o_name = {"bert": "", "llama": "o_proj", "t5": "o"}[layout.family]
         setattr(site.parent, site.core_name,
@@ -112,8 +118,6 @@ def prune_heads(layout: Layout, i: int, heads: torch.Tensor, changes: list[Param
         core.num_attention_heads, core.all_head_size = n, n * dh
     elif layout.family == "llama":
         core.num_key_value_groups = new_group
-    else:
-        core.n_heads, core.inner_dim = n, n * dh
 
 
 def prune_neurons(site: FFNSite, neurons: torch.Tensor, changes: list[ParamChange]) -> None:
@@ -134,6 +138,10 @@ def prune_hidden(layout: Layout, dims: torch.Tensor, changes: list[ParamChange])
         replace_param(emb, "weight", old.data.index_select(1, dims.to(old.device)), (None, dims), changes)
         emb.embedding_dim = len(dims)
         tied[id(old)] = emb.weight
+    for module in layout.embedding_outputs:  # T5: encoder/decoder embed_tokens share the pruned `shared` weight
+        if isinstance(module, nn.Embedding) and id(module.weight) in tied:
+            module.weight = tied[id(module.weight)]
+            module.embedding_dim = len(dims)
     for norm in layout.norms:
         for name in ("weight", "bias"):
             p = getattr(norm, name, None)

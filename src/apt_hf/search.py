@@ -232,3 +232,52 @@ def search_kept(
         ]
 
     return kept_heads, kept_neurons, kept_hidden
+
+
+def fill_budget(
+    count_model,
+    kept: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor],
+    densities: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor],
+    budget: float,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Add blocks beyond the searched prefix, in density order, while they still fit the budget (beyond spec D.1).
+
+    The prefix search stops at the first block that does not fit, which on small models (where one hidden
+    dimension costs a few percent of the model) can leave the count well under the target. This pass walks the
+    remaining blocks by descending density and keeps every one whose exact extra cost (``count_model``'s B.3
+    terms, updated incrementally) still fits. Heads of grouped-query layers are left as the search chose them, so
+    the group rule keeps holding. The result never exceeds ``budget``.
+    """
+    cm = count_model
+    heads, neurons, hidden = [h.clone() for h in kept[0]], [n.clone() for n in kept[1]], kept[2].clone()
+    d = int(hidden.sum())
+    total = cm.count(heads, neurons, hidden)
+    per_dim = float(cm.hidden_cost(heads, neurons))
+    candidates: list[tuple[float, str, int, int]] = []
+    for l, (k, dens) in enumerate(zip(heads, densities[0])):
+        if cm.group_size[l] == 1:
+            candidates += [(float(dens[j]), "h", l, j) for j in torch.nonzero(~k).flatten().tolist()]
+    for f, (k, dens) in enumerate(zip(neurons, densities[1])):
+        candidates += [(float(dens[j]), "n", f, j) for j in torch.nonzero(~k).flatten().tolist()]
+    candidates += [(float(densities[2][j]), "d", 0, j) for j in torch.nonzero(~hidden).flatten().tolist()]
+    candidates.sort(key=lambda c: -c[0])
+    for _, kind, l, j in candidates:
+        if kind == "h":
+            dh, qb = cm.head_dim[l], cm.qkv_bias[l]
+            delta, grow = d * dh * 4 + qb * dh * 3, dh * 4
+        elif kind == "n":
+            delta, grow = cm.ffn_mats[l] * d + cm.ffn_in_bias[l], cm.ffn_mats[l]
+        else:
+            delta, grow = per_dim, 0
+        if total + delta > budget:
+            continue
+        total += delta
+        per_dim += grow
+        if kind == "h":
+            heads[l][j] = True
+        elif kind == "n":
+            neurons[l][j] = True
+        else:
+            hidden[j] = True
+            d += 1
+    return heads, neurons, hidden

@@ -1,0 +1,220 @@
+"""Outlier-aware block salience (spec C.1, C.2, K.3) and adapter importance (spec C.2 "adapter sensitivity", E.3).
+
+Hooks keep only batch-and-token sums of |activation| and |gradient| per block (never full activations); the
+product is taken per micro-batch, summed over the micro-batches of one optimizer step, optionally extended by the
+kurtosis term and folded into an EMA once per optimizer step. Pure math lives in the small functions at the top.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .arch import Layout, base_linear
+from .layer import APTLinear
+
+
+# ---------------------------------------------------------------------------------------------- pure math
+def product_of_sums(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """``[sum_{batch,tokens} |grad|] * [sum_{batch,tokens} |act|]`` per last-axis coordinate (spec C.1)."""
+    dims = tuple(range(activation.dim() - 1))
+    return activation.detach().abs().float().sum(dims) * gradient.detach().abs().float().sum(dims)
+
+
+def excess_kurtosis(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Fisher (excess) kurtosis ``m4 / m2^2 - 3`` along ``dim`` with population moments (scipy's default)."""
+    x = x.float()
+    centred = x - x.mean(dim, keepdim=True)
+    m2 = centred.pow(2).mean(dim)
+    m4 = centred.pow(4).mean(dim)
+    return torch.where(m2 > 0, m4 / m2.clamp_min(1e-30).pow(2) - 3.0, torch.zeros_like(m2))
+
+
+def outlier_term(kurtosis: torch.Tensor) -> torch.Tensor:
+    """``sqrt(max(K, 0))`` (spec C.1)."""
+    return kurtosis.clamp_min(0).sqrt()
+
+
+def ema(previous: torch.Tensor, current: torch.Tensor, beta: float) -> torch.Tensor:
+    """``beta * previous + (1 - beta) * current`` (spec C.1, Algorithm 1)."""
+    return previous * beta + current * (1.0 - beta)
+
+
+def head_kurtosis(o_weight: torch.Tensor, mean_context: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Kurtosis per head of ``O = W_o[:, head] * x_bar[head]`` over its ``d x d_h`` entries (J.7 fixed)."""
+    o = o_weight.float() * mean_context.float()
+    d, width = o.shape
+    return excess_kurtosis(o.view(d, width // head_dim, head_dim).transpose(0, 1).reshape(width // head_dim, -1))
+
+
+def column_kurtosis(weight: torch.Tensor, mean_input: torch.Tensor) -> torch.Tensor:
+    """Kurtosis of each column ``j`` of ``O = W[:, j] * x_bar_j`` over the output axis (neurons, dimensions)."""
+    return excess_kurtosis((weight.float() * mean_input.float()).t())
+
+
+# ---------------------------------------------------------------------------------------------- collector
+class SalienceCollector:
+    """Hooks that gather block salience for one :class:`~apt_hf.arch.Layout` (spec C.2).
+
+    Probe points: the input of each attention output projection (heads), the input of each FFN down projection
+    (neurons), and for hidden dimensions the input of every attention q projection and FFN up projection plus the
+    final norm output, summed. Call :meth:`end_step` once per optimizer step (after backward, before the
+    optimizer step): it folds the step's scores into the EMA unless they are not finite.
+    """
+
+    def __init__(self, layout: Layout, beta: float, use_kurtosis: bool) -> None:
+        self.layout, self.beta, self.use_kurtosis = layout, beta, use_kurtosis
+        self.ema_heads = [torch.zeros(s.num_heads) for s in layout.attentions]
+        self.ema_neurons = [torch.zeros(f.num_neurons) for f in layout.ffns]
+        self.ema_hidden = torch.zeros(layout.hidden_size if not layout.hidden_writers
+                                      else base_linear(layout.hidden_writers[0]).out_features)
+        self._handles: list = []
+        self._reset_step()
+
+    # -- state
+    def _reset_step(self) -> None:
+        self.step_heads: list[Optional[torch.Tensor]] = [None] * len(self.layout.attentions)
+        self.step_neurons: list[Optional[torch.Tensor]] = [None] * len(self.layout.ffns)
+        self.step_hidden: Optional[torch.Tensor] = None
+        self.mean_context: list[Optional[torch.Tensor]] = [None] * len(self.layout.attentions)
+        self.mean_inter: list[Optional[torch.Tensor]] = [None] * len(self.layout.ffns)
+        self.mean_hidden_in: dict[int, torch.Tensor] = {}
+
+    def state_dict(self) -> dict:
+        return {"heads": self.ema_heads, "neurons": self.ema_neurons, "hidden": self.ema_hidden}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema_heads = [t.clone() for t in state["heads"]]
+        self.ema_neurons = [t.clone() for t in state["neurons"]]
+        self.ema_hidden = state["hidden"].clone()
+
+    # -- hooks
+    def attach(self, layout: Layout) -> None:
+        self.detach()
+        self.layout = layout
+
+        def add(store: str, i: Optional[int], reduce_heads: int = 0):
+            def on_tensor(t: torch.Tensor) -> None:
+                if not (torch.is_grad_enabled() and t.requires_grad):
+                    return
+                act = t.detach().abs().float().sum(tuple(range(t.dim() - 1)))
+                if self.use_kurtosis and store in ("heads", "neurons"):
+                    mean = t.detach().float().mean(tuple(range(t.dim() - 1)))
+                    getattr(self, "mean_context" if store == "heads" else "mean_inter")[i] = mean
+
+                def on_grad(g: torch.Tensor) -> None:
+                    score = act * g.detach().abs().float().sum(tuple(range(g.dim() - 1)))
+                    if reduce_heads:
+                        score = score.view(-1, reduce_heads).sum(1)
+                    self._accumulate(store, i, score)
+
+                t.register_hook(on_grad)
+            return on_tensor
+
+        def pre(fn):
+            return lambda module, args: fn(args[0]) if args and isinstance(args[0], torch.Tensor) else None
+
+        for i, site in enumerate(layout.attentions):
+            if site.q is not None:
+                self._handles.append(site.o.register_forward_pre_hook(pre(add("heads", i, site.head_dim))))
+                self._handles.append(site.q.register_forward_pre_hook(pre(add("hidden", None))))
+        for i, site in enumerate(layout.ffns):
+            self._handles.append(site.down.register_forward_pre_hook(pre(add("neurons", i))))
+            self._handles.append(site.up.register_forward_pre_hook(pre(add("hidden", None))))
+        final = layout.norms[-1]
+        self._handles.append(final.register_forward_hook(lambda m, a, out: add("hidden", None)(out)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _accumulate(self, store: str, i: Optional[int], score: torch.Tensor) -> None:
+        if store == "hidden":
+            self.step_hidden = score if self.step_hidden is None else self.step_hidden + score
+            return
+        bucket = self.step_heads if store == "heads" else self.step_neurons
+        bucket[i] = score if bucket[i] is None else bucket[i] + score
+
+    # -- per optimizer step
+    def _kurtosis_terms(self) -> tuple[list[Optional[torch.Tensor]], list[Optional[torch.Tensor]]]:
+        heads, neurons = [], []
+        with torch.no_grad():
+            for site, mean in zip(self.layout.attentions, self.mean_context):
+                heads.append(None if mean is None else outlier_term(
+                    head_kurtosis(base_linear(site.o).weight, mean.to(base_linear(site.o).weight.device),
+                                  site.head_dim)).cpu())
+            for site, mean in zip(self.layout.ffns, self.mean_inter):
+                w = base_linear(site.down).weight
+                neurons.append(None if mean is None else outlier_term(column_kurtosis(w, mean.to(w.device))).cpu())
+        return heads, neurons
+
+    def end_step(self) -> bool:
+        """Fold this optimizer step's scores into the EMA; returns False (and drops them) if any is not finite."""
+        self.step_heads = [None if t is None else t.cpu() for t in self.step_heads]
+        self.step_neurons = [None if t is None else t.cpu() for t in self.step_neurons]
+        self.step_hidden = None if self.step_hidden is None else self.step_hidden.cpu()
+        parts = [t for t in self.step_heads + self.step_neurons + [self.step_hidden] if t is not None]
+        if not parts:
+            self._reset_step()
+            return True
+        if not all(bool(torch.isfinite(t).all()) for t in parts):
+            self._reset_step()
+            return False
+        k_heads, k_neurons = self._kurtosis_terms() if self.use_kurtosis else ([None] * len(self.step_heads),
+                                                                              [None] * len(self.step_neurons))
+        for i, s in enumerate(self.step_heads):
+            if s is not None and s.shape == self.ema_heads[i].shape:
+                self.ema_heads[i] = ema(self.ema_heads[i], s + (k_heads[i] if k_heads[i] is not None else 0), self.beta)
+        for i, s in enumerate(self.step_neurons):
+            if s is not None and s.shape == self.ema_neurons[i].shape:
+                self.ema_neurons[i] = ema(self.ema_neurons[i], s + (k_neurons[i] if k_neurons[i] is not None else 0),
+                                          self.beta)
+        if self.step_hidden is not None and self.step_hidden.shape == self.ema_hidden.shape:
+            self.ema_hidden = ema(self.ema_hidden, self.step_hidden, self.beta)
+        self._reset_step()
+        return True
+
+    def reindex(self, heads: list[Optional[torch.Tensor]], neurons: list[Optional[torch.Tensor]],
+                hidden: Optional[torch.Tensor]) -> None:
+        """Drop the EMA entries of physically removed blocks (spec C.2 "accumulation")."""
+        self.ema_heads = [e if idx is None else e[idx] for e, idx in zip(self.ema_heads, heads)]
+        self.ema_neurons = [e if idx is None else e[idx] for e, idx in zip(self.ema_neurons, neurons)]
+        if hidden is not None:
+            self.ema_hidden = self.ema_hidden[hidden]
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+def adapter_sensitivity(layer: APTLinear, adapter_name: str = "default") -> Optional[torch.Tensor]:
+    """Per rank row ``k``: ``|sum_j A_kj * dL/dA_kj|`` (spec C.2, J.8); ``None`` without a gradient."""
+    a = layer.apt_A[adapter_name]
+    if a.grad is None:
+        return None
+    return (a.detach().float() * a.grad.detach().float()).sum(1).abs().cpu()
+
+
+class ImportanceTracker:
+    """EMA of adapter sensitivity per adapter layer; importance is its mean over rank rows (spec E.3.2)."""
+
+    def __init__(self, beta: float) -> None:
+        self.beta = beta
+        self.scores: dict[str, torch.Tensor] = {}
+
+    def update(self, layers: dict[str, APTLinear]) -> bool:
+        fresh = {name: adapter_sensitivity(layer) for name, layer in layers.items()}
+        fresh = {k: v for k, v in fresh.items() if v is not None}
+        if not all(bool(torch.isfinite(v).all()) for v in fresh.values()):
+            return False
+        for name, value in fresh.items():
+            prev = self.scores.get(name)
+            self.scores[name] = value * (1 - self.beta) if prev is None or prev.shape != value.shape else ema(
+                prev, value, self.beta)
+        return True
+
+    def importance(self) -> dict[str, float]:
+        return {name: float(v.mean()) if v.numel() else 0.0 for name, v in self.scores.items()}
+
+    def reset(self) -> None:
+        self.scores.clear()
