@@ -94,6 +94,7 @@ class Layout:
     norms: list[nn.Module]  # every norm over the residual stream
     counted_norms: list[nn.Module]  # norms that belong to the spec B.3 "main" count
     readers: list[nn.Module] = field(default_factory=list)  # task-head linears reading the residual stream
+    transforms: list[nn.Module] = field(default_factory=list)  # d x d maps on both sides (distillation's Tr)
 
     @property
     def hidden_writers(self) -> list[nn.Module]:

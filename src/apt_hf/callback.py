@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from .config import APTConfig
 from .model import APTModel, find_apt_model
-from .optim import apply_param_changes
+from .optim import apply_param_changes, drop_params
 from .prune import kept_after
 from .salience import ImportanceTracker, SalienceCollector
 from .schedule import adapter_budget, decay_window_start, mask_step, pruning_event_steps, target_density
@@ -89,6 +89,7 @@ class APTCallback(TrainerCallback):
         self.salience_skipped = 0
         self._pending: dict[str, float] = {}
         self._restored: Optional[dict] = None
+        self.change_listeners: list = []  # called with the ParamChange list of every event (e.g. the teacher)
 
     # ------------------------------------------------------------------------------------------ setup
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -184,6 +185,7 @@ class APTCallback(TrainerCallback):
 
     def _event(self, k: int, target: float, optimizer, prune_now: bool) -> None:
         apt, cfg = self.apt, self.config
+        before = list(apt.model.parameters())
         changes = []
         if prune_now:
             self._move_masks(target, hard=True)
@@ -204,6 +206,8 @@ class APTCallback(TrainerCallback):
             changes += grow_ranks(layers, plan, self.adapter_name)
             self.importance.reset()
         apply_param_changes(optimizer, changes)
+        for listener in self.change_listeners:
+            listener(changes)
         self.events_done = k + 1
         if self.collector._handles:
             self.collector.attach(apt.layout)

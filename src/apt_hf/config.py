@@ -58,6 +58,18 @@ class APTConfig(PeftConfig):
         max_rank: rank cap of any adapter (spec H.1: 64).
         tuning_budget_ratio: the adapter budget grows linearly over the pruning window from 1x to this multiple
             of the initial adapter size (spec E.2: 4.0).
+
+    Self-distillation (spec F, K.7; used by ``APTTrainer``):
+        distillation: switch (``False`` is the paper's "w/o D_S" ablation).
+        distill_end: optimizer step (int) or fraction of training (float) at which distillation ends; it starts the
+            step after the first event whose target is < 1. Spec: 20 of 40 epochs after ~1.26 epochs = 0.53.
+        distill_temperature: temperature ``T`` of ``T^2 KL(p_t || p_s)`` (spec F.3: 2/3).
+        distill_pred_weight: ``a_pred``; ``None`` picks the spec's per-task value: 1.0 for classification/QA
+            (0.1 x 10 in the reference), 0.1 for seq2seq and causal LM (KL per target token).
+        distill_layer_weight: ``a_layer`` (spec F.3: 0.9).
+        distill_num_layers: teacher layers drawn each step, one from each contiguous block (spec F.3: 4).
+        transform_rank: LoRA rank of the layer transformation ``Tr`` (identity + LoRA, spec F.4: 8).
+        post_distill_lr_ratio: learning-rate factor for task-loss fine-tuning after distillation (spec F.2: 0.1).
     """
 
     r: int = field(default=8, metadata={"help": "Initial adapter rank."})
@@ -87,6 +99,15 @@ class APTConfig(PeftConfig):
     adaptive_tuning: bool = field(default=True, metadata={"help": "Grow ranks (False = 'w/o A_T')."})
     max_rank: int = field(default=64, metadata={"help": "Rank cap of any adapter."})
     tuning_budget_ratio: float = field(default=4.0, metadata={"help": "Final adapter budget / initial size."})
+    # Self-distillation.
+    distillation: bool = field(default=True, metadata={"help": "Self-distill (False = 'w/o D_S'); APTTrainer only."})
+    distill_end: Union[int, float] = field(default=0.53, metadata={"help": "Step (or fraction) distillation ends."})
+    distill_temperature: float = field(default=2.0 / 3.0, metadata={"help": "KL temperature T (spec F.3)."})
+    distill_pred_weight: Optional[float] = field(default=None, metadata={"help": "a_pred; None = per task."})
+    distill_layer_weight: float = field(default=0.9, metadata={"help": "a_layer (spec F.3)."})
+    distill_num_layers: int = field(default=4, metadata={"help": "Teacher layers drawn per step, one per block."})
+    transform_rank: int = field(default=8, metadata={"help": "Rank of the layer transformation Tr's LoRA."})
+    post_distill_lr_ratio: float = field(default=0.1, metadata={"help": "LR factor after distillation (F.2)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -125,6 +146,18 @@ class APTConfig(PeftConfig):
             raise bad("salience_beta", self.salience_beta, "use an EMA factor in [0, 1); the spec uses 0.85")
         if self.max_rank < self.r:
             raise bad("max_rank", self.max_rank, f"it must be >= r ({self.r})")
+        if self.distill_temperature <= 0:
+            raise bad("distill_temperature", self.distill_temperature, "use a positive temperature (spec: 2/3)")
+        if self.distill_pred_weight is not None and self.distill_pred_weight < 0 or self.distill_layer_weight < 0:
+            raise bad("distill_*_weight", (self.distill_pred_weight, self.distill_layer_weight), "use weights >= 0")
+        if self.distill_num_layers < 1 or self.transform_rank < 1:
+            raise bad("distill_num_layers/transform_rank", (self.distill_num_layers, self.transform_rank),
+                      "use positive integers")
+        if not 0.0 < self.post_distill_lr_ratio <= 1.0:
+            raise bad("post_distill_lr_ratio", self.post_distill_lr_ratio, "use a factor in (0, 1]")
+        if isinstance(self.distill_end, bool) or self.distill_end < 0 or (
+                isinstance(self.distill_end, float) and self.distill_end > 1.0):
+            raise bad("distill_end", self.distill_end, "use a step count (int) or a fraction of training (float <= 1)")
         if self.tuning_budget_ratio < 1.0:
             raise bad("tuning_budget_ratio", self.tuning_budget_ratio, "use a ratio >= 1 (the spec uses 4.0)")
 

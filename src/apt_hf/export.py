@@ -139,17 +139,19 @@ def load_pruned(path: Union[str, os.PathLike], **kwargs: Any) -> transformers.Pr
     dtype = next(model.parameters()).dtype
     _shape_model(model, record)
     state = _read_state_dict(path)
+    # Check shapes before load_state_dict, which raises a bare RuntimeError on a size mismatch even when strict=False.
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        target = expected.get(name)
+        if target is not None and target.shape != tensor.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)} in the weights but {tuple(target.shape)} in "
+                             f"{STRUCTURE_FILE}; the export is corrupted.")
     result = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing_keys = [k for k in result.missing_keys if k not in tied]
     if missing_keys or result.unexpected_keys:
         raise ValueError(f"{path} does not match its {STRUCTURE_FILE}: missing {missing_keys[:5]}, unexpected "
                          f"{result.unexpected_keys[:5]}; the export is corrupted.")
-    for name, tensor in state.items():
-        target = model.get_parameter(name) if name in dict(model.named_parameters()) else None
-        if target is not None and target.shape != tensor.shape:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)} in the weights but {tuple(target.shape)} in "
-                             f"{STRUCTURE_FILE}; the export is corrupted.")
     model.to(dtype)
     if device is not None:
         model.to(device)

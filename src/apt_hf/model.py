@@ -12,6 +12,7 @@ from torch import nn
 
 from .arch import CountModel, Layout, describe
 from .config import DEFAULT_TARGET_MODULES, APTConfig
+from .distill import make_transform
 from .layer import APTLinear, ParamChange
 from .masks import APTMasks, install_mask_hooks, remove_mask_hooks, sizes_of
 from .prune import apply_structure, fold_unit_masks, kept_after
@@ -68,7 +69,11 @@ class APTModel(BaseTuner):
         device = next(model.parameters()).device
         setattr(self, MASKS_ATTR, masks.to(device))
         self._mask_handles = install_mask_hooks(layout, masks)
-        self._layout: Optional[Layout] = layout
+        if config.distillation:
+            weight = next(model.parameters())
+            self.apt_transform = make_transform(hidden, config.transform_rank, config.scaling, weight.device,
+                                                weight.dtype)
+        self._layout: Optional[Layout] = None
         self.n_params = CountModel.from_layout(layout).count(
             [torch.ones(h, dtype=torch.bool) for h in heads], [torch.ones(n, dtype=torch.bool) for n in neurons],
             torch.ones(hidden, dtype=torch.bool))
@@ -82,6 +87,8 @@ class APTModel(BaseTuner):
     def layout(self) -> Layout:
         if self._layout is None:
             self._layout = describe(self.model)
+            transform = getattr(self, "apt_transform", None)
+            self._layout.transforms = [transform] if transform is not None else []
         return self._layout
 
     def count_model(self) -> CountModel:

@@ -26,13 +26,35 @@ def remap_state(value: torch.Tensor, change: ParamChange) -> torch.Tensor:
     return out
 
 
+def _inner(optimizer):
+    inner = optimizer
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):  # accelerate's wrapper
+        inner = inner.optimizer
+    return inner
+
+
+def drop_params(optimizer, params) -> int:
+    """Remove ``params`` (by identity) and their state from ``optimizer``, e.g. the adapters of an attention block
+    whose heads were all removed (the module leaves the model); returns how many were found."""
+    gone = {id(p) for p in params}
+    if optimizer is None or not gone:
+        return 0
+    inner = _inner(optimizer)
+    dropped = 0
+    for group in inner.param_groups:
+        keep = [p for p in group["params"] if id(p) not in gone]
+        dropped += len(group["params"]) - len(keep)
+        group["params"] = keep
+    for p in [p for p in inner.state if id(p) in gone]:
+        del inner.state[p]
+    return dropped
+
+
 def apply_param_changes(optimizer, changes: list[ParamChange]) -> int:
     """Swap changed parameters inside ``optimizer`` (plain or accelerate-wrapped) in place; returns how many."""
     if optimizer is None or not changes:
         return 0
-    inner = optimizer
-    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):  # accelerate's wrapper
-        inner = inner.optimizer
+    inner = _inner(optimizer)
     where = {id(p): (g, i) for g in inner.param_groups for i, p in enumerate(g["params"])}
     swapped = 0
     for change in changes:

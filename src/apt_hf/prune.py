@@ -158,6 +158,8 @@ def prune_hidden(layout: Layout, dims: torch.Tensor, changes: list[ParamChange])
         _select(module, None, dims, changes)
     for module in layout.hidden_writers:
         _select(module, dims, None, changes)
+    for module in layout.transforms:
+        _select(module, dims, dims, changes)
 
 
 def kept_after(masks: APTMasks, layout: Layout) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:

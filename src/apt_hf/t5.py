@@ -6,7 +6,7 @@ likewise creates a zero bias that the later cross-attentions reuse. Once blocks 
 needs the bias rows of *its* heads, while the tensor handed on must stay over all ``H`` original heads.
 
 Two small subclasses of the stock ``T5Attention`` do this, installed by swapping the class of the existing module
-(parameters, buffers and state-dict keys are unchanged, so the model still saves as a stock T5 checkpoint):
+(state-dict keys stay those of stock T5, so the model still saves as a stock T5 checkpoint):
 
 - :class:`PrunedT5Attention` keeps the original indices of its heads in the non-persistent buffer
   ``apt_kept_heads``. It slices an incoming bias to those heads, and hands the full bias on; a bias it computes

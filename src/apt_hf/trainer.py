@@ -1,33 +1,185 @@
-"""`APTTrainer`: a `transformers.Trainer` that runs APT's callback and reports its figures (spec K)."""
+"""`APTTrainer`: a `transformers.Trainer` with APT's callback and the self-distillation loss (spec F, K.7).
+
+Phases (spec F.2), all in optimizer steps: plain tuning -> distillation from the step after the first event whose
+target density is < 1 until ``distill_end`` (``L = mu L_distill + (1 - mu) L_task``, mu linear over the pruning
+window, spec F.3) -> task-loss fine-tuning of the pruned model at ``post_distill_lr_ratio`` x the learning rate (the
+same optimizer and schedule, scaled). ``Trainer.train()`` is not altered.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
-from transformers import Trainer
+import torch
+from transformers import Trainer, TrainerCallback
 
-from .callback import APTCallback
+from .callback import APTCallback, _steps
+from .distill import (Teacher, alive_layers, default_pred_weight, layer_loss, prediction_loss,
+                      sample_teacher_layers)
+from .model import APTModel
+from .schedule import distill_mu
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(obj, attr: str):
+    while hasattr(obj, attr) and not hasattr(obj, "param_groups" if attr == "optimizer" else "base_lrs"):
+        obj = getattr(obj, attr)
+    return obj
+
+
+class DistillCallback(TrainerCallback):
+    """Distillation phases, teacher refreshes (spec F.1) and the post-distillation learning-rate drop (F.2)."""
+
+    def __init__(self, apt_callback: APTCallback, has_eval: bool) -> None:
+        self.apt_callback = apt_callback
+        self.teacher = Teacher()
+        self.enabled = False
+        self.start = self.end = 0
+        self.refresh_steps: set[int] = set()
+        self.best: Optional[float] = None
+        self._awaiting_eval = False
+        self._has_eval = has_eval
+
+    @property
+    def apt(self) -> APTModel:
+        return self.apt_callback.apt
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        cfg, plan = self.apt_callback.config, self.apt_callback.plan
+        self.enabled = bool(cfg.distillation and cfg.adaptive_pruning)
+        if not self.enabled:
+            return control
+        real = [k for k, e in enumerate(plan.events) if plan.target(e) < 1]
+        self.start = plan.events[real[0]] + 1
+        self.end = _steps(cfg.distill_end, state.max_steps)
+        if self.end <= self.start:
+            raise ValueError(f"APTConfig.distill_end resolves to step {self.end}, not after the first real pruning event "
+                             f"(step {self.start - 1}); raise distill_end or set distillation=False.")
+        self.refresh_steps = {plan.windows[k] for k in real if plan.windows[k] < self.end}
+        self._has_eval = self._has_eval and args.eval_strategy != "no"
+        if not self._has_eval:
+            logger.warning("APT distillation without evaluation: the teacher is refreshed at the start of every mask-decay "
+                           "window whose target is < 1 (the latest model), instead of only when the dev metric improves.")
+        if self.teacher.follow not in self.apt_callback.change_listeners:
+            self.apt_callback.change_listeners.append(self.teacher.follow)
+        return control
+
+    def active(self, step: int) -> bool:
+        return self.enabled and self.teacher.ready and self.start <= step < self.end
+
+    def _refresh(self, model) -> None:
+        self.teacher.refresh([p for p in model.parameters() if p.requires_grad])
+        logger.warning("APT distillation: teacher refreshed (#%d).", self.teacher.refreshes)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        if not self.enabled:
+            return control
+        step = state.global_step
+        if step in self.refresh_steps:
+            if self._has_eval:
+                control.should_evaluate, self._awaiting_eval = True, True
+            else:
+                self._refresh(model)
+        if step == self.end:
+            ratio = self.apt_callback.config.post_distill_lr_ratio
+            for group in _unwrap(optimizer, "optimizer").param_groups:
+                group["lr"] *= ratio
+            sched = _unwrap(lr_scheduler, "scheduler")
+            if hasattr(sched, "base_lrs"):
+                sched.base_lrs = [lr * ratio for lr in sched.base_lrs]
+            logger.warning("APT distillation ended at step %d; fine-tuning at %.2fx learning rate.", step, ratio)
+        return control
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        if not self._awaiting_eval or metrics is None:
+            return control
+        self._awaiting_eval = False
+        name = args.metric_for_best_model or "loss"
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        value = metrics.get(key)
+        if value is None:
+            raise KeyError(f"APT teacher refresh needs '{key}' from evaluation; available: {sorted(metrics)}. "
+                           "Set TrainingArguments.metric_for_best_model to one of them.")
+        greater = args.greater_is_better if args.greater_is_better is not None else not name.endswith("loss")
+        if self.best is None or (value > self.best if greater else value < self.best):
+            self.best = value
+            self._refresh(model)
+        return control
 
 
 class APTTrainer(Trainer):
-    """Trainer for APT models.
+    """Trainer for APT models: pruning/tuning callback, self-distillation loss, ``apt/*`` figures in every log.
 
-    Adds an :class:`APTCallback` (reading the model's ``APTConfig``) unless one is passed, and merges the callback's
-    sparsity / rank figures into every ``Trainer.log`` call *before* the reporting integrations see it, so
-    ``report_to`` (TensorBoard, W&B, ...) receives ``apt/*`` metrics. ``Trainer.train()`` is not altered.
+    Adds an :class:`APTCallback` (reading the model's ``APTConfig``) unless one is passed, and a
+    :class:`DistillCallback`. ``compute_loss`` adds ``mu * (a_pred L_pred + a_layer L_layer)`` during distillation.
+    ``log`` merges the callback's sparsity / rank / loss figures before the ``report_to`` integrations see them.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.apt_callback is None:
             self.add_callback(APTCallback())
+        self.distiller = DistillCallback(self.apt_callback, has_eval=self.eval_dataset is not None)
+        self.add_callback(self.distiller)
+        self._distill_logs: dict[str, list[float]] = {}
+        self._generator = torch.Generator().manual_seed(self.args.seed)
 
     @property
     def apt_callback(self) -> Optional[APTCallback]:
         return next((c for c in self.callback_handler.callbacks if isinstance(c, APTCallback)), None)
 
+    # ------------------------------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        step = self.state.global_step + 1
+        if not (model.training and self.distiller.active(step)):
+            self.loss_is_scaled_for_ga = None
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.loss_is_scaled_for_ga = False  # a mean loss: Trainer divides by the accumulation steps
+        apt, cfg, plan = self.distiller.apt, self.apt_callback.config, self.apt_callback.plan
+        model.eval()
+        with torch.no_grad(), self.distiller.teacher.active(apt.masks):
+            teacher = model(**inputs, output_hidden_states=True)
+        model.train()
+        student = model(**inputs, output_hidden_states=True)
+        task = student.loss
+        pred, layer = self._distill_losses(student, teacher, inputs, apt, cfg)
+        a_pred = cfg.distill_pred_weight if cfg.distill_pred_weight is not None else default_pred_weight(
+            str(cfg.task_type))
+        mu = distill_mu(step, start=plan.start, end=plan.end)
+        loss = mu * (a_pred * pred + cfg.distill_layer_weight * layer) + (1 - mu) * task
+        for key, value in (("apt/mu", mu), ("loss_task", task), ("loss_pred", pred), ("loss_layer", layer)):
+            self._distill_logs.setdefault(key, []).append(float(value))
+        return (loss, student) if return_outputs else loss
+
+    def _distill_losses(self, student, teacher, inputs, apt: APTModel, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = inputs.get("labels")
+        logits_s, logits_t = student.logits, teacher.logits
+        token_mask = None
+        if logits_s.dim() == 3:
+            token_mask = labels != -100 if labels is not None and labels.shape == logits_s.shape[:2] else \
+                inputs.get("attention_mask")
+        pred = prediction_loss(logits_s, logits_t, cfg.distill_temperature, token_mask)
+        alive = alive_layers(apt.layout)
+        transform = getattr(apt, "apt_transform", None) or torch.nn.Identity()
+        if "main" in alive:
+            stacks = [(student.hidden_states[1:], teacher.hidden_states[1:], alive["main"], False)]
+        else:
+            stacks = [(student.encoder_hidden_states[1:], teacher.encoder_hidden_states[1:], alive["encoder"], True),
+                      (student.decoder_hidden_states[1:], teacher.decoder_hidden_states[1:], alive["decoder"], True)]
+        layer = pred.new_zeros(())
+        for s_hidden, t_hidden, stack_alive, normalize in stacks:
+            chosen = sample_teacher_layers(len(t_hidden), cfg.distill_num_layers, self._generator)
+            layer = layer + layer_loss(s_hidden, t_hidden, chosen, stack_alive, transform, normalize) / len(stacks)
+        return pred, layer
+
+    # ------------------------------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         callback = self.apt_callback
-        if callback is not None and self.model.training:
+        if callback is not None and "eval_loss" not in logs and not any(k.startswith("eval_") for k in logs):
             logs = {**logs, **callback.pop_logs()}
+            for key, values in self._distill_logs.items():
+                logs[key] = sum(values) / len(values)
+            self._distill_logs = {}
         super().log(logs, *args, **kwargs)

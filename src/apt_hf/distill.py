@@ -1,0 +1,165 @@
+"""Self-distillation pieces (spec F, K.7): losses, teacher-layer sampling and mapping, the shared-weight teacher.
+
+The teacher is the student's own frozen backbone with a frozen snapshot of the trainable tensors (adapter
+factors, task head, ``Tr``): during the teacher's forward pass the snapshot is swapped into the trainable
+parameters' storage and swapped back afterwards, so the backbone is never copied (spec F.1, J.11).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import Layout
+from .layer import APTLinear, ParamChange
+from .masks import APTMasks
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                    token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``T^2 KL(p_t || p_s)`` (spec F.3).
+
+    For ``(batch, classes)`` logits the KL is averaged over the batch; for ``(batch, tokens, vocab)`` logits it is
+    averaged over the tokens where ``token_mask`` is true (the per-target-length form of seq2seq and causal LMs).
+    """
+    t = temperature
+    log_ps = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_pt = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    if kl.dim() > 1 and token_mask is not None:
+        mask = token_mask.to(kl.dtype)
+        return t * t * (kl * mask).sum() / mask.sum().clamp_min(1.0)
+    return t * t * kl.mean()
+
+
+def sample_teacher_layers(num_layers: int, num_blocks: int, generator: Optional[torch.Generator] = None) -> list[int]:
+    """One layer drawn uniformly from each of ``num_blocks`` contiguous blocks of the layers (spec F.3)."""
+    if num_layers <= 0:
+        return []
+    blocks = min(num_blocks, num_layers)
+    edges = [round(i * num_layers / blocks) for i in range(blocks + 1)]
+    return [int(torch.randint(lo, hi, (1,), generator=generator)) for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+def layer_candidates(teacher_layer: int, alive: Sequence[bool]) -> list[int]:
+    """Student layers teacher layer ``i`` may map to (spec F.3 "mapping"): ``i`` if it survives, otherwise the
+    nearest surviving layers below and above (the caller keeps the one with the smaller MSE)."""
+    if alive[teacher_layer]:
+        return [teacher_layer]
+    below = next((j for j in range(teacher_layer - 1, -1, -1) if alive[j]), None)
+    above = next((j for j in range(teacher_layer + 1, len(alive)) if alive[j]), None)
+    return [j for j in (below, above) if j is not None]
+
+
+def layer_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
+               teacher_layers: Sequence[int], alive: Sequence[bool], transform: nn.Module,
+               normalize: bool = False) -> torch.Tensor:
+    """``sum_i MSE(Tr(h_s^{phi(i)}), h_t^i)`` over the drawn teacher layers (spec F.3, F.4)."""
+    total = student_hidden[0].new_zeros((), dtype=torch.float32)
+    for i in teacher_layers:
+        target = teacher_hidden[i].float()
+        if normalize:
+            target = _rms_normalize(target)
+        losses = []
+        for j in layer_candidates(i, alive):
+            h = transform(student_hidden[j])
+            losses.append(F.mse_loss((_rms_normalize(h.float()) if normalize else h.float()), target))
+        if losses:
+            total = total + min(losses, key=lambda v: float(v.detach()))
+    return total
+
+
+def _rms_normalize(h: torch.Tensor) -> torch.Tensor:
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def alive_layers(layout: Layout) -> dict[str, list[bool]]:
+    """Per stack, whether each layer still has heads in every attention and neurons in its FFN (spec F.3)."""
+    att = [s.num_heads > 0 for s in layout.attentions]
+    ffn = [f.num_neurons > 0 for f in layout.ffns]
+    if layout.family != "t5":
+        return {"main": [a and f for a, f in zip(att, ffn)]}
+    n_dec = (len(att) - len(ffn)) if len(att) > len(ffn) else 0  # each decoder block has one extra (cross) site
+    n_enc = len(ffn) - n_dec
+    enc = [att[i] and ffn[i] for i in range(n_enc)]
+    dec = [att[n_enc + 2 * j] and att[n_enc + 2 * j + 1] and ffn[n_enc + j] for j in range(n_dec)]
+    return {"encoder": enc, "decoder": dec}
+
+
+def make_transform(hidden: int, rank: int, scaling: float, device=None, dtype=None) -> APTLinear:
+    """``Tr``: a frozen identity ``d x d`` map plus a trainable LoRA (``B = 0``, so ``Tr(x) = x`` at start; F.4)."""
+    base = nn.Linear(hidden, hidden, bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        base.weight.copy_(torch.eye(hidden, device=device, dtype=dtype))
+    base.weight.requires_grad_(False)
+    return APTLinear(base, "default", r=rank, scaling=scaling)
+
+
+# ---------------------------------------------------------------------------------------------- teacher
+class Teacher:
+    """A frozen snapshot of the trainable tensors of a model that shares its frozen backbone (spec F.1)."""
+
+    def __init__(self) -> None:
+        self.snapshot: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+        self.refreshes = 0
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.snapshot)
+
+    def refresh(self, params: Sequence[nn.Parameter]) -> None:
+        """Copy the current values of ``params`` (the trainable tensors) as the new teacher."""
+        self.snapshot = {id(p): (p, p.detach().clone()) for p in params}
+        self.refreshes += 1
+
+    def follow(self, changes: Sequence[ParamChange]) -> None:
+        """Carry the snapshot across physical pruning: slice dims that were selected; ignore rank growth."""
+        for change in changes:
+            entry = self.snapshot.pop(id(change.old), None)
+            if entry is None:
+                continue
+            value = entry[1]
+            for dim, index in enumerate(change.index):
+                if index is None or value.dim() <= dim:
+                    continue
+                if value.shape[dim] == change.old.shape[dim] and change.new.shape[dim] == len(index):
+                    value = value.index_select(dim, index.to(value.device))
+            self.snapshot[id(change.new)] = (change.new, value)
+
+    @contextlib.contextmanager
+    def active(self, masks: Optional[APTMasks] = None) -> Iterator[None]:
+        """Swap the snapshot into the parameters (and bypass the masks) for the teacher's forward pass."""
+        saved = []
+        for param, value in self.snapshot.values():
+            saved.append((param, param.data))
+            param.data = value.to(param.device, param.dtype)
+        previous = masks.bypass if masks is not None else False
+        if masks is not None:
+            masks.bypass = True
+        try:
+            yield
+        finally:
+            for param, data in saved:
+                param.data = data
+            if masks is not None:
+                masks.bypass = previous
+
+    def state_dict(self, names: dict[int, str]) -> dict[str, torch.Tensor]:
+        return {names[i]: v for i, (_, v) in self.snapshot.items() if i in names}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> None:
+        self.snapshot = {id(params[n]): (params[n], v) for n, v in state.items() if n in params}
+
+
+def default_pred_weight(task: str) -> float:
+    """``a_pred`` per task family (spec F.3): 1.0 for classification/QA, 0.1 for seq2seq and causal LMs."""
+    return 0.1 if task in ("SEQ_2_SEQ_LM", "CAUSAL_LM") else 1.0
+
+
+__all__ = ["Teacher", "alive_layers", "default_pred_weight", "layer_candidates", "layer_loss", "make_transform",
+           "prediction_loss", "sample_teacher_layers"]
