@@ -185,7 +185,7 @@ class APTCallback(TrainerCallback):
 
     def _event(self, k: int, target: float, optimizer, prune_now: bool) -> None:
         apt, cfg = self.apt, self.config
-        before = list(apt.model.parameters())
+        before = list(apt.parameters())
         changes = []
         if prune_now:
             self._move_masks(target, hard=True)
@@ -206,6 +206,8 @@ class APTCallback(TrainerCallback):
             changes += grow_ranks(layers, plan, self.adapter_name)
             self.importance.reset()
         apply_param_changes(optimizer, changes)
+        alive = {id(p) for p in apt.parameters()}  # modules removed whole (an attention with no head left)
+        drop_params(optimizer, [p for p in before + [c.new for c in changes] if id(p) not in alive])
         for listener in self.change_listeners:
             listener(changes)
         self.events_done = k + 1

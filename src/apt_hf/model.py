@@ -151,7 +151,7 @@ class APTModel(BaseTuner):
         for name, layer in self.apt_layers().items():
             for key, value in state_dict.items():
                 if key.endswith((f".{name}.apt_A", f".{name}.apt_A.{self.active_adapter}")) or key == f"{name}.apt_A":
-                    layer.grow_rank(self.active_adapter, value.shape[0])
+                    layer.grow_rank(next(iter(layer.r)), value.shape[0])
 
     # ------------------------------------------------------------------------------------------ save / load
     @classmethod

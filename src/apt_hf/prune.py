@@ -18,26 +18,30 @@ from .t5 import prune_attention as prune_t5_attention
 
 
 class EmptyAttention(nn.Module):
-    """Stands in for an attention core whose heads are all gone: its output is the output projection's bias.
+    """Stands in for a BERT or LLaMA attention core whose heads are all gone (T5: see ``apt_hf.t5``).
 
-    ``family`` picks the return convention of the module it replaces; ``o`` is kept for LLaMA/T5, whose output
-    projection lives inside the attention module (a zero-width input gives just the bias, or zeros).
+    BERT's output projection sits outside the core, so the core returns a zero-width context and the projection
+    adds its bias. LLaMA's ``o_proj`` lives inside the core and is kept here under its own name; the layer's
+    key/value cache still receives zero-head entries so the cache length (and generation positions) stay right.
     """
 
-    def __init__(self, family: str, o: Optional[nn.Module] = None, o_name: str = "o") -> None:
+    def __init__(self, family: str, o_proj: Optional[nn.Module] = None, layer_idx: Optional[int] = None,
+                 head_dim: int = 0) -> None:
         super().__init__()
-        self.family, self.o_name = family, o_name
-        if o is not None:
-            self.add_module(o_name, o)
+        self.family, self.layer_idx, self.head_dim = family, layer_idx, head_dim
+        if o_proj is not None:
+            self.o_proj = o_proj
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         empty = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
         if self.family == "bert":
             return empty, None
-        out = getattr(self, self.o_name)(empty)
-        if self.family == "t5":
-            return out, kwargs.get("position_bias"), None
-        return out, None
+        cache = kwargs.get("past_key_values")
+        if cache is not None:
+            b, t = hidden_states.shape[:2]
+            kv = hidden_states.new_zeros(b, 0, t, self.head_dim)
+            cache.update(kv, kv.clone(), self.layer_idx)
+        return self.o_proj(empty), None
 
 
 def _select(module: nn.Module, out_idx: Optional[torch.Tensor], in_idx: Optional[torch.Tensor],
@@ -109,9 +113,9 @@ def prune_heads(layout: Layout, i: int, heads: torch.Tensor, changes: list[Param
             site.q = site.k = site.v = None
         return
     if n == 0:
-        o_name = {"bert": "", "llama": "o_proj", "t5": "o"}[layout.family]
-        setattr(site.parent, site.core_name,
-                EmptyAttention(layout.family, site.o if o_name else None, o_name or "o"))
+        llama = layout.family == "llama"
+        setattr(site.parent, site.core_name, EmptyAttention(layout.family, site.o if llama else None,
+                                                            getattr(core, "layer_idx", None), dh))
         site.q = site.k = site.v = None
         return
     if layout.family == "bert":
