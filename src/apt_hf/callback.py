@@ -274,12 +274,25 @@ class APTCallback(TrainerCallback):
         self.initial_adapter_size = state["initial_adapter_size"]
         self.salience_skipped = state.get("salience_skipped", 0)
 
+    def restore_from(self, checkpoint_dir: str) -> None:
+        """Use the APT state saved in ``checkpoint_dir`` when training (re)starts (called by ``APTTrainer.train``)."""
+        path = os.path.join(checkpoint_dir, STATE_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{checkpoint_dir} has no {STATE_FILE}: it was not saved with APTCallback, so the "
+                                    "salience and schedule state cannot be resumed. Resume from an APT checkpoint.")
+        self._restored = torch.load(path, weights_only=False)
+
     @staticmethod
     def _find_checkpoint_state(args, state) -> Optional[dict]:
+        """Fallback for a stock Trainer: the checkpoint of the resumed step inside ``output_dir``."""
         if state.global_step == 0:
             return None
         path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
-        return torch.load(path, weights_only=False) if os.path.exists(path) else None
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"Resuming at step {state.global_step} but {path} is missing, so APT's masks "
+                                    "schedule and salience cannot be restored. Resume with apt_hf.APTTrainer or from a "
+                                    "checkpoint saved with APTCallback.")
+        return torch.load(path, weights_only=False)
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

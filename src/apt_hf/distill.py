@@ -158,6 +158,7 @@ class Teacher:
 
 def default_pred_weight(task: str) -> float:
     """``a_pred`` per task family (spec F.3): 1.0 for classification/QA, 0.1 for seq2seq and causal LMs."""
+    task = getattr(task, "value", task)  # peft.TaskType: str() gives 'TaskType.CAUSAL_LM' on Python >= 3.11
     return 0.1 if task in ("SEQ_2_SEQ_LM", "CAUSAL_LM") else 1.0
 
 

@@ -10,7 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .arch import CountModel, Layout, describe
+from .arch import FAMILIES, CountModel, Layout, UnsupportedArchitectureError, describe
 from .config import DEFAULT_TARGET_MODULES, APTConfig
 from .distill import make_transform
 from .layer import APTLinear, ParamChange
@@ -35,6 +35,10 @@ class APTModel(BaseTuner):
 
     # ------------------------------------------------------------------------------------------ PEFT hooks
     def _prepare_adapter_config(self, peft_config: APTConfig, model_config: dict) -> APTConfig:
+        if model_config.get("model_type") not in FAMILIES:
+            raise UnsupportedArchitectureError(
+                f"apt_hf does not support model_type={model_config.get('model_type')!r}. Supported: "
+                f"{', '.join(sorted(FAMILIES))}. Open an issue with the architecture you need.")
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
             if model_type not in self.target_module_mapping:
@@ -61,6 +65,11 @@ class APTModel(BaseTuner):
         r = int(peft_config.rank_pattern.get(current_key, peft_config.r))
         new = APTLinear(target, adapter_name, r=r, scaling=peft_config.scaling, dropout=peft_config.lora_dropout)
         self._replace_module(parent, target_name, new, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Plain swap: APT layers are built on the base layer's device, and on unload the base layer goes back as
+        is (PEFT's default would copy ``.weight`` from modules that have none, e.g. RoBERTa's task head)."""
+        setattr(parent, child_name, new_module)
 
     def _post_injection_hook(self, model: nn.Module, config: APTConfig, adapter_name: str) -> None:
         layout = describe(model)
@@ -166,7 +175,13 @@ class APTModel(BaseTuner):
         tuner = model.base_model if isinstance(getattr(model, "base_model", None), APTModel) else model
         if isinstance(tuner, APTModel):
             tuner.restore_structure(state_dict)
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        current = model.state_dict()
+        for key, value in remapped.items():
+            if key in current and current[key].shape != value.shape:
+                raise ValueError(f"The saved APT adapter has {key} of shape {tuple(value.shape)} but this model's is "
+                                 f"{tuple(current[key].shape)}; load it onto the base model it was trained on.")
+        return remapped
 
     # ------------------------------------------------------------------------------------------ masking on/off
     def detach_masking(self) -> None:
@@ -189,8 +204,10 @@ class APTModel(BaseTuner):
             self.attach_masking()
         clone._mask_handles = []
         clone.prune_to_masks()
-        fold_unit_masks(clone.layout, clone.masks)
-        return clone.merge_and_unload()
+        layout = clone.layout
+        merged = clone.merge_and_unload()
+        fold_unit_masks(layout, clone.masks)  # after merging, so adapters on o/down projections are folded too
+        return merged
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         self.detach_masking()

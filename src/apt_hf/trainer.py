@@ -9,10 +9,12 @@ same optimizer and schedule, scaled). ``Trainer.train()`` is not altered.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from .callback import APTCallback, _steps
 from .distill import (Teacher, alive_layers, default_pred_weight, layer_loss, prediction_loss,
@@ -21,6 +23,7 @@ from .model import APTModel
 from .schedule import distill_mu
 
 logger = logging.getLogger(__name__)
+DISTILL_STATE_FILE = "apt_distill.pt"
 
 
 def _unwrap(obj, attr: str):
@@ -41,6 +44,7 @@ class DistillCallback(TrainerCallback):
         self.best: Optional[float] = None
         self._awaiting_eval = False
         self._has_eval = has_eval
+        self.resume_dir: Optional[str] = None
 
     @property
     def apt(self) -> APTModel:
@@ -52,6 +56,10 @@ class DistillCallback(TrainerCallback):
         if not self.enabled:
             return control
         real = [k for k, e in enumerate(plan.events) if plan.target(e) < 1]
+        if not real:  # e.g. target_sparsity=0: nothing is pruned, so there is no distillation phase (spec F.2)
+            logger.warning("APT distillation skipped: no pruning event has a target density below 1.")
+            self.enabled = False
+            return control
         self.start = plan.events[real[0]] + 1
         self.end = _steps(cfg.distill_end, state.max_steps)
         if self.end <= self.start:
@@ -64,6 +72,25 @@ class DistillCallback(TrainerCallback):
                            "window whose target is < 1 (the latest model), instead of only when the dev metric improves.")
         if self.teacher.follow not in self.apt_callback.change_listeners:
             self.apt_callback.change_listeners.append(self.teacher.follow)
+        if self.resume_dir is not None:
+            path = os.path.join(self.resume_dir, DISTILL_STATE_FILE)
+            if os.path.exists(path):
+                self.load_state_dict(torch.load(path, weights_only=False), model)
+            self.resume_dir = None
+        return control
+
+    def state_dict(self, model) -> dict:
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {"teacher": self.teacher.state_dict(names), "best": self.best, "refreshes": self.teacher.refreshes}
+
+    def load_state_dict(self, state: dict, model) -> None:
+        self.teacher.load_state_dict(state["teacher"], dict(model.named_parameters()))
+        self.best, self.teacher.refreshes = state["best"], state["refreshes"]
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if self.enabled and os.path.isdir(folder):
+            torch.save(self.state_dict(model), os.path.join(folder, DISTILL_STATE_FILE))
         return control
 
     def active(self, step: int) -> bool:
@@ -89,6 +116,8 @@ class DistillCallback(TrainerCallback):
             sched = _unwrap(lr_scheduler, "scheduler")
             if hasattr(sched, "base_lrs"):
                 sched.base_lrs = [lr * ratio for lr in sched.base_lrs]
+            if getattr(sched, "_last_lr", None) is not None:  # what Trainer logs as the next step's learning_rate
+                sched._last_lr = [lr * ratio for lr in sched._last_lr]
             logger.warning("APT distillation ended at step %d; fine-tuning at %.2fx learning rate.", step, ratio)
         return control
 
@@ -124,7 +153,18 @@ class APTTrainer(Trainer):
         self.distiller = DistillCallback(self.apt_callback, has_eval=self.eval_dataset is not None)
         self.add_callback(self.distiller)
         self._distill_logs: dict[str, list[float]] = {}
-        self._generator = torch.Generator().manual_seed(self.args.seed)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``, plus handing the checkpoint to the APT callbacks so masks, salience, importance, the
+        event counter and the teacher snapshot resume too (the model's pruned shapes and ranks are rebuilt when
+        PEFT loads the adapter)."""
+        path = resume_from_checkpoint
+        if path is True:
+            path = get_last_checkpoint(self.args.output_dir)
+        if isinstance(path, str):
+            self.apt_callback.restore_from(path)
+            self.distiller.resume_dir = path
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     @property
     def apt_callback(self) -> Optional[APTCallback]:
@@ -146,11 +186,11 @@ class APTTrainer(Trainer):
         task = student.loss
         pred, layer = self._distill_losses(student, teacher, inputs, apt, cfg)
         a_pred = cfg.distill_pred_weight if cfg.distill_pred_weight is not None else default_pred_weight(
-            str(cfg.task_type))
+            cfg.task_type)
         mu = distill_mu(step, start=plan.start, end=plan.end)
         loss = mu * (a_pred * pred + cfg.distill_layer_weight * layer) + (1 - mu) * task
         for key, value in (("apt/mu", mu), ("loss_task", task), ("loss_pred", pred), ("loss_layer", layer)):
-            self._distill_logs.setdefault(key, []).append(float(value))
+            self._distill_logs.setdefault(key, []).append(float(value.detach() if torch.is_tensor(value) else value))
         return (loss, student) if return_outputs else loss
 
     def _distill_losses(self, student, teacher, inputs, apt: APTModel, cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,8 +209,9 @@ class APTTrainer(Trainer):
             stacks = [(student.encoder_hidden_states[1:], teacher.encoder_hidden_states[1:], alive["encoder"], True),
                       (student.decoder_hidden_states[1:], teacher.decoder_hidden_states[1:], alive["decoder"], True)]
         layer = pred.new_zeros(())
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)  # resumable
         for s_hidden, t_hidden, stack_alive, normalize in stacks:
-            chosen = sample_teacher_layers(len(t_hidden), cfg.distill_num_layers, self._generator)
+            chosen = sample_teacher_layers(len(t_hidden), cfg.distill_num_layers, generator)
             layer = layer + layer_loss(s_hidden, t_hidden, chosen, stack_alive, transform, normalize) / len(stacks)
         return pred, layer
 

@@ -1,0 +1,149 @@
+"""Shared tiny-model fixtures for the apt_hf tests.
+
+Every model here is randomly initialised from a tiny config (hidden 32-64, 3 layers), so no download is needed and
+a forward pass takes milliseconds. The plain functions can also be imported (``from conftest import make_model``);
+the fixtures of the same names hand them to tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from typing import Optional  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+VOCAB = 101
+SEQ_LEN = 7
+N_LABELS = 3
+
+# kind -> (model class name, PEFT task type)
+KINDS: dict[str, tuple[str, str]] = {
+    "bert": ("BertForSequenceClassification", "SEQ_CLS"),
+    "roberta": ("RobertaForSequenceClassification", "SEQ_CLS"),
+    "llama_mha": ("LlamaForCausalLM", "CAUSAL_LM"),
+    "llama_gqa": ("LlamaForCausalLM", "CAUSAL_LM"),
+    "llama_cls": ("LlamaForSequenceClassification", "SEQ_CLS"),
+}
+# The four architectures every exactness test must cover.
+EXACT_KINDS = ("bert", "roberta", "llama_mha", "llama_gqa")
+
+
+def make_config(kind: str, attn: str = "eager", **overrides) -> transformers.PretrainedConfig:
+    """A tiny config of ``kind`` (see :data:`KINDS`); ``overrides`` replace any field."""
+    if kind in ("bert", "roberta"):
+        cls = transformers.BertConfig if kind == "bert" else transformers.RobertaConfig
+        fields = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                      intermediate_size=48, max_position_embeddings=40, num_labels=N_LABELS,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        if kind == "roberta":
+            fields.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    elif kind in ("llama_mha", "llama_gqa", "llama_cls"):
+        cls = transformers.LlamaConfig
+        fields = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=8,
+                      num_key_value_heads=2 if kind == "llama_gqa" else 8, intermediate_size=80,
+                      max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      num_labels=N_LABELS, tie_word_embeddings=False)
+    else:
+        raise KeyError(f"unknown tiny model kind {kind!r}; pick one of {sorted(KINDS)}")
+    fields.update(overrides)
+    config = cls(**fields)
+    config._attn_implementation = attn
+    return config
+
+
+def make_model(kind: str, attn: str = "eager", seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    """A randomly initialised tiny model in eval mode; the same ``seed`` and config give the same weights."""
+    config = make_config(kind, attn, **overrides)
+    torch.manual_seed(seed)
+    model = getattr(transformers, KINDS[kind][0])(config)
+    return model.eval()
+
+
+def task_type(kind: str) -> str:
+    return KINDS[kind][1]
+
+
+def make_inputs(kind: str, batch: int = 2, seq_len: int = SEQ_LEN, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Token ids (never a special id) and an attention mask whose last row is right-padded by two tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq_len), generator=g)
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    if batch > 1:
+        mask[-1, -2:] = 0
+        ids[-1, -2:] = 1 if kind == "roberta" else 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits under ``no_grad``, with padded positions of token-level outputs zeroed."""
+    with torch.no_grad():
+        out = model(**inputs).logits.float()
+    if out.dim() == 3:  # causal LM: padded positions are garbage by design, compare real tokens only
+        out = out * inputs["attention_mask"][..., None]
+    return out
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> None:
+    """Give every APT factor (A and B) random values, so that the adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".apt_A." in name or ".apt_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def random_masks(model: torch.nn.Module, seed: int = 0, no_heads_layer: Optional[int] = 0,
+                 no_neurons_layer: Optional[int] = 1, hidden_drop: float = 0.25) -> dict[str, list[torch.Tensor]]:
+    """Write random binary masks into an APT model; returns a copy of what was written.
+
+    Layer ``no_heads_layer`` loses every head, layer ``no_neurons_layer`` every neuron; other layers keep each
+    head/neuron with probability 1/2 (at least one kept and one removed when possible); ``hidden_drop`` of the
+    hidden dimensions are removed.
+    """
+    import apt_hf
+
+    g = torch.Generator().manual_seed(seed)
+    masks = apt_hf.get_masks(model)
+
+    def draw(n: int, zero: bool) -> torch.Tensor:
+        if zero:
+            return torch.zeros(n)
+        m = (torch.rand(n, generator=g) < 0.5).float()
+        if n >= 2:
+            perm = torch.randperm(n, generator=g)
+            m[perm[0]], m[perm[1]] = 1.0, 0.0
+        return m
+
+    heads = [draw(m.numel(), i == no_heads_layer) for i, m in enumerate(masks.heads)]
+    neurons = [draw(m.numel(), i == no_neurons_layer) for i, m in enumerate(masks.neurons)]
+    d = masks.hidden.numel()
+    hidden = torch.ones(d)
+    hidden[torch.randperm(d, generator=g)[: int(round(hidden_drop * d))]] = 0.0
+    for i, m in enumerate(heads):
+        masks.heads[i] = m
+    for i, m in enumerate(neurons):
+        masks.neurons[i] = m
+    masks.hidden.copy_(hidden)
+    return {"heads": heads, "neurons": neurons, "hidden": [hidden]}
+
+
+@pytest.fixture
+def tiny_model():
+    """``tiny_model(kind, attn="eager", seed=0, **config_overrides)`` -> a fresh tiny model."""
+    return make_model
+
+
+@pytest.fixture
+def tiny_inputs():
+    return make_inputs
+
+
+@pytest.fixture
+def adapter_randomizer():
+    return randomize_adapters

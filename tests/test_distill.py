@@ -1,0 +1,617 @@
+"""Tests of self-distillation (spec F, K.7): the losses, teacher-layer sampling and mapping, the shared-backbone
+teacher, and the three training phases of `APTTrainer` (plain tuning -> distillation -> 0.1x-LR fine-tuning).
+
+Training runs use a 40-step schedule with pruning events at steps 9, 14, 19, 24 (mask-decay windows from 6, 11, 16,
+21), so distillation runs over steps [10, 32) and fine-tuning over [32, 40]. Torch is pinned to one thread for this
+module: tiny matrix products are much faster single-threaded on a busy 2-core machine.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from conftest import make_inputs, make_model, random_masks, randomize_adapters
+from torch import nn
+from transformers import TrainerCallback, TrainingArguments
+
+import apt_hf
+from apt_hf.distill import (Teacher, alive_layers, default_pred_weight, layer_candidates, layer_loss,
+                            make_transform, prediction_loss, sample_teacher_layers)
+from apt_hf.schedule import distill_mu
+
+MAX_STEPS = 40
+LR = 1e-3
+SCHEDULE = dict(pruning_start=4, pruning_end=24, sparsity_warmup=4, num_pruning_events=4, mask_decay_window=3,
+                mask_decay=0.34)
+EVENTS = (9, 14, 19, 24)
+WINDOWS = (6, 11, 16, 21)
+DISTILL_START, DISTILL_END = 10, 32  # the step after the first event with target < 1; distill_end
+T = 2.0 / 3.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    yield
+    torch.set_num_threads(before)
+
+
+# ================================================================================================ helpers
+class TokenData(torch.utils.data.Dataset):
+    """``cls``: label = first token > 50; ``lm``: labels = input_ids; ``s2s``: decoder targets = reversed input."""
+
+    def __init__(self, kind: str, n: int = 128, seq_len: int = 8, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, 101, (n, seq_len), generator=g)
+        self.kind = kind
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        x = self.ids[i]
+        item = {"input_ids": x, "attention_mask": torch.ones_like(x)}
+        if self.kind == "cls":
+            item["labels"] = (x[0] > 50).long()
+        elif self.kind == "lm":
+            item["labels"] = x.clone()
+        else:
+            item["labels"] = x.flip(0).clone()
+        return item
+
+
+def tiny_t5() -> transformers.T5ForConditionalGeneration:
+    config = transformers.T5Config(vocab_size=101, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+                                   num_decoder_layers=2, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                                   relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+# kind -> (model factory, task type as users pass it, data kind, expected default a_pred)
+RUNS = {
+    "bert": (lambda: make_model("bert", num_labels=2, num_attention_heads=8, intermediate_size=96), "SEQ_CLS", "cls",
+             1.0),
+    # the enum form of the task type (as in PEFT's docs) must select the LM weight too
+    "llama_gqa": (lambda: make_model("llama_gqa"), peft.TaskType.CAUSAL_LM, "lm", 0.1),
+    "t5": (tiny_t5, "SEQ_2_SEQ_LM", "s2s", 0.1),
+}
+
+
+class LRRecorder(TrainerCallback):
+    """The learning rate of every parameter group used by optimizer step ``s`` (read before the step runs)."""
+
+    def __init__(self) -> None:
+        self.lr: dict[int, list[float]] = {}
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.lr[state.global_step + 1] = [g["lr"] for g in optimizer.param_groups]
+        return control
+
+
+def train(kind: str, out, eval_data: bool = True, logging_steps: int = 1, max_steps: int = MAX_STEPS, **cfg):
+    factory, task, data, _ = RUNS[kind]
+    acfg = apt_hf.APTConfig(task_type=task, **{**SCHEDULE, "distill_end": DISTILL_END, **cfg})
+    pm = peft.get_peft_model(factory(), acfg)
+    args = TrainingArguments(str(out), per_device_train_batch_size=8, max_steps=max_steps, learning_rate=LR,
+                             logging_steps=logging_steps, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True, seed=0, eval_strategy="steps" if eval_data else "no",
+                             eval_steps=1000)
+    ds = TokenData(data)
+    rec = LRRecorder()
+    tr = apt_hf.APTTrainer(model=pm, args=args, train_dataset=ds, callbacks=[rec],
+                           eval_dataset=torch.utils.data.Subset(ds, range(32)) if eval_data else None)
+    tr.train()
+    return tr, pm, rec
+
+
+def train_logs(tr) -> list[dict]:
+    return [h for h in tr.state.log_history if "loss" in h and "step" in h]
+
+
+def linear_lr(step: int) -> float:
+    """LR used by optimizer step ``step`` under the default linear schedule without warm-up."""
+    return LR * (MAX_STEPS - (step - 1)) / MAX_STEPS
+
+
+def density(pm) -> float:
+    return apt_hf.count_params(pm) / apt_hf.find_apt_model(pm).n_params
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, t: float) -> torch.Tensor:
+    """KL(p || q) of softmax(./t) along the last dim, written out term by term (float64)."""
+    p = torch.exp(p_logits.double() / t)
+    p = p / p.sum(-1, keepdim=True)
+    q = torch.exp(q_logits.double() / t)
+    q = q / q.sum(-1, keepdim=True)
+    return (p * (torch.log(p) - torch.log(q))).sum(-1)
+
+
+# ================================================================================================ losses (F.3)
+def test_prediction_loss_classification_matches_hand_kl():
+    student = torch.tensor([[0.3, -1.2], [2.0, 0.5], [-0.7, 0.1], [1.5, 1.4]])
+    teacher = torch.tensor([[1.1, -0.4], [0.2, 0.9], [-2.0, 0.3], [0.0, 2.2]])
+    # two-class KL written out with plain floats: p = sigmoid((z0 - z1)/T)
+    total = 0.0
+    for zs, zt in zip(student.tolist(), teacher.tolist()):
+        pt = 1.0 / (1.0 + math.exp(-(zt[0] - zt[1]) / T))
+        ps = 1.0 / (1.0 + math.exp(-(zs[0] - zs[1]) / T))
+        total += pt * math.log(pt / ps) + (1 - pt) * math.log((1 - pt) / (1 - ps))
+    expected = T * T * total / 4
+    got = prediction_loss(student, teacher, T)
+    assert got.dim() == 0
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    # the direction KL(p_t || p_s) (F.kl_div(log p_s, p_t)), not KL(p_s || p_t)
+    reverse = T * T * float(kl(student, teacher, T).mean())
+    assert abs(reverse - expected) > 1e-3
+    ref = F.kl_div(F.log_softmax(student / T, -1), F.softmax(teacher / T, -1), reduction="batchmean") * T * T
+    assert float(got) == pytest.approx(float(ref), rel=1e-5)
+    assert float(prediction_loss(teacher, teacher, T)) == pytest.approx(0.0, abs=1e-7)
+    # the gradient reaches the student logits only through the loss (teacher logits come in detached)
+    s = student.clone().requires_grad_(True)
+    prediction_loss(s, teacher, T).backward()
+    assert s.grad is not None and bool(s.grad.abs().sum() > 0)
+
+
+def test_prediction_loss_tokens_mean_over_masked_tokens():
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 5, 7, generator=g) * 2
+    teacher = torch.randn(2, 5, 7, generator=g) * 2
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 0]], dtype=torch.bool)
+    per_token = kl(teacher, student, T)  # (2, 5)
+    expected = T * T * float(per_token[mask].sum()) / int(mask.sum())
+    got = prediction_loss(student, teacher, T, token_mask=mask)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    # an integer attention mask gives the same
+    assert float(prediction_loss(student, teacher, T, token_mask=mask.long())) == pytest.approx(expected, rel=1e-5)
+    # positions outside the mask do not matter
+    changed = student.clone()
+    changed[~mask] = torch.randn(int((~mask).sum()), 7, generator=g) * 5
+    assert float(prediction_loss(changed, teacher, T, token_mask=mask)) == pytest.approx(expected, rel=1e-5)
+    # without a mask: mean over every token
+    all_tokens = T * T * float(per_token.mean())
+    assert float(prediction_loss(student, teacher, T)) == pytest.approx(all_tokens, rel=1e-5)
+    assert abs(all_tokens - expected) > 1e-4
+
+
+def test_default_pred_weight_per_task():
+    assert default_pred_weight("SEQ_CLS") == 1.0
+    assert default_pred_weight("QUESTION_ANS") == 1.0
+    assert default_pred_weight("CAUSAL_LM") == 0.1
+    assert default_pred_weight("SEQ_2_SEQ_LM") == 0.1
+    # PEFT's TaskType enum (str(TaskType.CAUSAL_LM) is 'TaskType.CAUSAL_LM' on Python >= 3.11)
+    assert default_pred_weight(peft.TaskType.CAUSAL_LM) == 0.1
+    assert default_pred_weight(peft.TaskType.SEQ_2_SEQ_LM) == 0.1
+    assert default_pred_weight(peft.TaskType.SEQ_CLS) == 1.0
+
+
+# ================================================================================================ layers (F.3)
+def test_sample_teacher_layers_one_per_block_and_covering():
+    blocks = [range(0, 3), range(3, 6), range(6, 9), range(9, 12)]
+    seen = [dict() for _ in blocks]
+    for seed in range(300):
+        draw = sample_teacher_layers(12, 4, torch.Generator().manual_seed(seed))
+        assert len(draw) == 4
+        for b, layer in enumerate(draw):
+            assert layer in blocks[b], (seed, draw)
+            seen[b][layer] = seen[b].get(layer, 0) + 1
+        # seeded draws are reproducible
+        assert draw == sample_teacher_layers(12, 4, torch.Generator().manual_seed(seed))
+    for b, counts in enumerate(seen):
+        assert sorted(counts) == list(blocks[b])
+        assert min(counts.values()) > 60  # ~100 each: roughly uniform within a block
+    # the draw changes from step to step with one generator (redrawn every training step)
+    g = torch.Generator().manual_seed(0)
+    assert len({tuple(sample_teacher_layers(12, 4, g)) for _ in range(20)}) > 1
+
+
+def test_sample_teacher_layers_few_layers():
+    assert sample_teacher_layers(3, 4) == [0, 1, 2]
+    assert sample_teacher_layers(1, 4) == [0]
+    assert sample_teacher_layers(0, 4) == []
+    assert sample_teacher_layers(4, 4) == [0, 1, 2, 3]
+    for seed in range(30):
+        draw = sample_teacher_layers(6, 4, torch.Generator().manual_seed(seed))
+        assert len(draw) == 4 and len(set(draw)) == 4 and draw == sorted(draw) and all(0 <= i < 6 for i in draw)
+        draw = sample_teacher_layers(32, 4, torch.Generator().manual_seed(seed))  # LLaMA: blocks of 8
+        assert [i // 8 for i in draw] == [0, 1, 2, 3]
+
+
+def test_layer_candidates():
+    alive = [True, True, True, True]
+    assert [layer_candidates(i, alive) for i in range(4)] == [[0], [1], [2], [3]]
+    alive = [True, False, False, True, True]
+    assert layer_candidates(0, alive) == [0]
+    assert layer_candidates(1, alive) == [0, 3]
+    assert layer_candidates(2, alive) == [0, 3]
+    assert layer_candidates(4, alive) == [4]
+    # edges: nothing below / nothing above / nothing at all
+    assert layer_candidates(0, [False, False, True]) == [2]
+    assert layer_candidates(2, [True, False, False]) == [0]
+    assert layer_candidates(1, [False, False, False]) == []
+
+
+def test_layer_loss_picks_nearer_neighbour_and_sums_mse():
+    g = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(2, 3, 8, generator=g) for _ in range(4)]
+    student = [torch.randn(2, 3, 8, generator=g) for _ in range(4)]
+    alive = [True, False, True, True]
+    student[0] = teacher[1] + 0.01 * torch.randn(2, 3, 8, generator=g)  # layer 1 is gone: 0 and 2 compete
+    mse = lambda a, b: float(((a - b) ** 2).mean())  # noqa: E731
+    expected = mse(student[0], teacher[1]) + mse(student[3], teacher[3])
+    got = layer_loss(student, teacher, [1, 3], alive, nn.Identity())
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    assert mse(student[2], teacher[1]) > mse(student[0], teacher[1])
+    # now the layer above is nearer
+    student[2] = teacher[1] + 0.001 * torch.randn(2, 3, 8, generator=g)
+    expected = mse(student[2], teacher[1]) + mse(student[3], teacher[3])
+    assert float(layer_loss(student, teacher, [1, 3], alive, nn.Identity())) == pytest.approx(expected, rel=1e-5)
+    # intact layers map to themselves; a sum over all four drawn layers
+    full = [True] * 4
+    expected = sum(mse(student[i], teacher[i]) for i in range(4))
+    assert float(layer_loss(student, teacher, [0, 1, 2, 3], full, nn.Identity())) == pytest.approx(expected, rel=1e-5)
+    # Tr at initialisation is the identity
+    tr = make_transform(8, rank=4, scaling=2.0)
+    assert float(layer_loss(student, teacher, [0, 1, 2, 3], full, tr).detach()) == pytest.approx(expected, rel=1e-5)
+    # no surviving student layer: the pair is skipped
+    assert float(layer_loss(student, teacher, [1], [False] * 4, nn.Identity())) == 0.0
+    # T5 form: both sides RMS-normalised first
+    rms = lambda h: h / torch.sqrt((h ** 2).mean(-1, keepdim=True) + 1e-6)  # noqa: E731
+    expected = mse(rms(student[3]), rms(teacher[3]))
+    assert float(layer_loss(student, teacher, [3], full, nn.Identity(), normalize=True)) == pytest.approx(
+        expected, rel=1e-4)
+
+
+def test_layer_loss_gradient_reaches_student_and_transform():
+    g = torch.Generator().manual_seed(1)
+    teacher = [torch.randn(2, 3, 8, generator=g) for _ in range(2)]
+    student = [torch.randn(2, 3, 8, generator=g).requires_grad_(True) for _ in range(2)]
+    tr = make_transform(8, rank=4, scaling=2.0)
+    layer_loss(student, teacher, [0, 1], [True, True], tr).backward()
+    assert all(s.grad is not None and bool(s.grad.abs().sum() > 0) for s in student)
+    assert tr.apt_B["default"].grad is not None and bool(tr.apt_B["default"].grad.abs().sum() > 0)
+    assert tr.base_layer.weight.grad is None
+
+
+def test_make_transform_identity_and_trainable():
+    tr = make_transform(16, rank=8, scaling=2.0)
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(tr(x), x)
+    assert torch.equal(tr.base_layer.weight, torch.eye(16))
+    assert tr.base_layer.bias is None and not tr.base_layer.weight.requires_grad
+    assert tr.apt_A["default"].requires_grad and tr.apt_B["default"].requires_grad
+    assert tr.apt_A["default"].shape == (8, 16) and tr.apt_B["default"].shape == (16, 8)
+    with torch.no_grad():
+        tr.apt_B["default"].add_(0.1)
+    assert not torch.allclose(tr(x), x)
+    # inside a PEFT model: Tr's LoRA is trainable, its identity frozen; absent without distillation
+    pm = peft.get_peft_model(make_model("bert"), apt_hf.APTConfig(task_type="SEQ_CLS", transform_rank=4))
+    names = {n: p.requires_grad for n, p in pm.named_parameters() if "apt_transform" in n}
+    assert {n.split("apt_transform.")[1]: v for n, v in names.items()} == {
+        "base_layer.weight": False, "apt_A.default": True, "apt_B.default": True}
+    tr = apt_hf.find_apt_model(pm).apt_transform
+    assert tr.r["default"] == 4 and torch.equal(tr.base_layer.weight, torch.eye(32))
+    plain = peft.get_peft_model(make_model("bert"), apt_hf.APTConfig(task_type="SEQ_CLS", distillation=False))
+    assert not any("apt_transform" in n for n, _ in plain.named_parameters())
+
+
+def test_alive_layers_bert_after_removing_all_heads_of_one_layer():
+    pm = peft.get_peft_model(make_model("bert"), apt_hf.APTConfig(task_type="SEQ_CLS"))
+    apt = apt_hf.find_apt_model(pm)
+    assert alive_layers(apt.layout) == {"main": [True, True, True]}
+    masks = apt.masks
+    masks.heads[1] = torch.zeros(masks.heads[1].numel())
+    masks.heads[0] = torch.tensor([1.0, 0.0, 1.0, 0.0])  # a partly pruned layer still exists
+    apt.prune_to_masks()
+    assert alive_layers(apt.layout) == {"main": [True, False, True]}
+    masks.neurons[2] = torch.zeros(masks.neurons[2].numel())  # a layer without FFN neurons is gone too
+    apt.prune_to_masks()
+    assert alive_layers(apt.layout) == {"main": [True, False, False]}
+
+
+def test_alive_layers_t5_site_order():
+    """T5 head masks: encoder self-attentions, then per decoder block its self- and cross-attention."""
+    att = lambda *n: [SimpleNamespace(num_heads=h) for h in n]  # noqa: E731
+    ffn = lambda *n: [SimpleNamespace(num_neurons=k) for k in n]  # noqa: E731
+    # 2 encoder blocks, 3 decoder blocks; decoder block 1 lost its cross-attention, block 2 its FFN,
+    # encoder block 0 its self-attention
+    layout = SimpleNamespace(family="t5", attentions=att(0, 4, 4, 4, 4, 0, 4, 4), ffns=ffn(8, 8, 8, 8, 0))
+    assert alive_layers(layout) == {"encoder": [False, True], "decoder": [True, False, False]}
+    layout = SimpleNamespace(family="t5", attentions=att(4, 4, 0, 4, 4, 4, 4, 4), ffns=ffn(8, 8, 8, 8, 8))
+    assert alive_layers(layout) == {"encoder": [True, True], "decoder": [False, True, True]}
+
+
+# ================================================================================================ teacher (F.1)
+def _bert_with_teacher(seed: int = 0):
+    pm = peft.get_peft_model(make_model("bert"), apt_hf.APTConfig(task_type="SEQ_CLS"))
+    randomize_adapters(pm, seed=seed)
+    pm.eval()
+    teacher = Teacher()
+    teacher.refresh([p for p in pm.parameters() if p.requires_grad])
+    return pm, apt_hf.find_apt_model(pm), teacher
+
+
+def _out(pm, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return pm(**inputs).logits
+
+
+def _teacher_out(pm, teacher, masks, inputs) -> torch.Tensor:
+    with torch.no_grad(), teacher.active(masks):
+        return pm(**inputs).logits
+
+
+def test_teacher_shares_backbone_and_snapshots_adapters():
+    pm, apt, teacher = _bert_with_teacher()
+    inputs = make_inputs("bert")
+    trainable = [p for p in pm.parameters() if p.requires_grad]
+    frozen = [p for p in pm.parameters() if not p.requires_grad]
+    assert teacher.ready and len(teacher.snapshot) == len(trainable)
+    assert any(p is apt.apt_transform.apt_A["default"] for p in trainable)
+    frozen_ptrs = [p.data_ptr() for p in frozen]
+    student_ptrs = [p.data_ptr() for p in trainable]
+    snapshot_ptrs = {id(p): v.data_ptr() for p, v in teacher.snapshot.values()}
+    # the snapshot is a copy of the trainable tensors, not a view of them
+    assert not set(snapshot_ptrs.values()) & set(student_ptrs)
+
+    before = _out(pm, inputs)
+    assert torch.allclose(_teacher_out(pm, teacher, apt.masks, inputs), before, atol=1e-6, rtol=0)
+
+    with torch.no_grad(), teacher.active(apt.masks):
+        # no copy of the backbone: every frozen tensor is the very same storage
+        assert [p.data_ptr() for p in frozen] == frozen_ptrs
+        # trainable tensors point at the snapshot (swapped in, not copied)
+        assert all(p.data_ptr() == snapshot_ptrs[id(p)] for p in trainable)
+        assert apt.masks.bypass
+
+    # change the student's adapters: the teacher snapshot does not move
+    saved = {id(p): v.clone() for p, v in teacher.snapshot.values()}
+    layer = next(iter(apt.apt_layers().values()))
+    with torch.no_grad():
+        for layer in apt.apt_layers().values():
+            layer.apt_B["default"].add_(1.0)
+    assert all(torch.equal(v, saved[i]) for i, (_, v) in teacher.snapshot.items())
+    after = _out(pm, inputs)
+    assert not torch.allclose(after, before, atol=1e-4)
+    expected_params = [p.detach().clone() for p in trainable]
+    teacher_logits = _teacher_out(pm, teacher, apt.masks, inputs)
+    assert torch.allclose(teacher_logits, before, atol=1e-6, rtol=0)
+    assert not torch.allclose(teacher_logits, after, atol=1e-4)
+    # the student is restored after the context: same values and same storage
+    assert all(torch.equal(p, e) for p, e in zip(trainable, expected_params))
+    assert [p.data_ptr() for p in trainable] == student_ptrs
+    assert [p.data_ptr() for p in frozen] == frozen_ptrs
+    assert not apt.masks.bypass
+    assert torch.allclose(_out(pm, inputs), after, atol=1e-6, rtol=0)
+
+    # a refresh makes the teacher the current student
+    teacher.refresh(trainable)
+    assert teacher.refreshes == 2
+    assert torch.allclose(_teacher_out(pm, teacher, apt.masks, inputs), after, atol=1e-6, rtol=0)
+
+
+def test_teacher_ignores_masks_and_restores_on_error():
+    pm, apt, teacher = _bert_with_teacher()
+    inputs = make_inputs("bert")
+    unmasked = _out(pm, inputs)
+    apt.masks.heads[1] = torch.tensor([1.0, 0.5, 0.0, 1.0])
+    apt.masks.hidden.copy_(torch.where(torch.arange(32) % 5 == 0, 0.3, 1.0))
+    masked = _out(pm, inputs)
+    assert not torch.allclose(masked, unmasked, atol=1e-4)
+    assert torch.allclose(_teacher_out(pm, teacher, apt.masks, inputs), unmasked, atol=1e-6, rtol=0)
+    assert torch.allclose(_out(pm, inputs), masked, atol=1e-6, rtol=0)
+    # an exception inside the teacher pass still restores the student and the masks
+    trainable = [p for p in pm.parameters() if p.requires_grad]
+    with torch.no_grad():
+        apt.apt_transform.apt_B["default"].add_(0.5)
+    values = [p.detach().clone() for p in trainable]
+    with pytest.raises(RuntimeError, match="boom"):
+        with teacher.active(apt.masks):
+            raise RuntimeError("boom")
+    assert not apt.masks.bypass
+    assert all(torch.equal(p, v) for p, v in zip(trainable, values))
+
+
+def test_teacher_follows_physical_pruning():
+    pm, apt, teacher = _bert_with_teacher()
+    inputs = make_inputs("bert")
+    random_masks(pm, seed=3)  # layer 0 loses every head, layer 1 every neuron, a quarter of the hidden dims
+    masked_student = _out(pm, inputs)  # student == teacher snapshot here, so this is the masked teacher model
+    changes = apt.prune_to_masks()
+    teacher.follow(changes)
+    live = {id(p): p for p in pm.parameters()}
+    for key, (param, value) in teacher.snapshot.items():
+        if key in live:  # parameters of modules removed whole may linger; live ones must fit
+            assert value.shape == param.shape, param.shape
+    assert all(id(p) in teacher.snapshot for p in pm.parameters() if p.requires_grad)
+    teacher_logits = _teacher_out(pm, teacher, apt.masks, inputs)
+    assert torch.allclose(teacher_logits, masked_student, atol=1e-4, rtol=0)
+    assert torch.allclose(_out(pm, inputs), masked_student, atol=1e-4, rtol=0)
+    # after the student moves on, the (sliced) teacher still gives the old outputs
+    with torch.no_grad():
+        for layer in apt.apt_layers().values():
+            layer.apt_B["default"].add_(0.3)
+    assert not torch.allclose(_out(pm, inputs), masked_student, atol=1e-4)
+    assert torch.allclose(_teacher_out(pm, teacher, apt.masks, inputs), masked_student, atol=1e-4, rtol=0)
+
+
+def test_teacher_keeps_its_rank_when_the_student_grows():
+    pm, apt, teacher = _bert_with_teacher()
+    inputs = make_inputs("bert")
+    ref = _teacher_out(pm, teacher, apt.masks, inputs)
+    layer = apt.apt_layers()["bert.encoder.layer.2.intermediate.dense"]
+    r = layer.r["default"]
+    changes = layer.grow_rank("default", r + 4)
+    assert changes
+    teacher.follow(changes)
+    assert torch.allclose(_out(pm, inputs), ref, atol=1e-6, rtol=0)  # growth alone changes nothing (E.3.6)
+    with torch.no_grad():
+        layer.apt_B["default"][:, r:] = 2.0  # the new rank directions now change the student
+    assert (_out(pm, inputs) - ref).abs().max() > 1e-4
+    with torch.no_grad(), teacher.active(apt.masks):
+        assert layer.apt_A["default"].shape[0] == r and layer.apt_B["default"].shape[1] == r
+        logits = pm(**inputs).logits
+    assert torch.allclose(logits, ref, atol=1e-6, rtol=0)
+    assert layer.apt_A["default"].shape[0] == r + 4 and layer.apt_B["default"].shape[1] == r + 4
+    assert bool((layer.apt_B["default"][:, r:] == 2.0).all())
+
+
+def test_teacher_state_dict_round_trip():
+    pm, apt, teacher = _bert_with_teacher()
+    names = {id(p): n for n, p in pm.named_parameters()}
+    state = teacher.state_dict(names)
+    assert set(state) == {n for n, p in pm.named_parameters() if p.requires_grad}
+    other = Teacher()
+    other.load_state_dict(state, dict(pm.named_parameters()))
+    with torch.no_grad():
+        for layer in apt.apt_layers().values():
+            layer.apt_B["default"].add_(1.0)
+    inputs = make_inputs("bert")
+    assert torch.allclose(_teacher_out(pm, other, apt.masks, inputs), _teacher_out(pm, teacher, apt.masks, inputs),
+                          atol=1e-6, rtol=0)
+
+
+# ================================================================================================ phases (F.2)
+@pytest.mark.parametrize("kind", ["bert", "llama_gqa", "t5"])
+def test_training_phases(kind, tmp_path):
+    tr, pm, rec = train(kind, tmp_path)
+    a_pred = RUNS[kind][3]
+    assert tr.state.global_step == MAX_STEPS
+    assert (tr.distiller.start, tr.distiller.end) == (DISTILL_START, DISTILL_END)
+    logs = train_logs(tr)
+    assert [h["step"] for h in logs] == list(range(1, MAX_STEPS + 1))
+
+    # distillation logs exactly during [start, end), with mu = distill_mu over the pruning window
+    distill = [h for h in logs if "apt/mu" in h]
+    assert [h["step"] for h in distill] == list(range(DISTILL_START, DISTILL_END))
+    for h in logs:
+        inside = DISTILL_START <= h["step"] < DISTILL_END
+        for key in ("apt/mu", "loss_task", "loss_pred", "loss_layer"):
+            assert (key in h) == inside, (key, h["step"])
+    mus = [h["apt/mu"] for h in distill]
+    assert all(b >= a for a, b in zip(mus, mus[1:]))
+    for h in distill:
+        assert h["apt/mu"] == pytest.approx(distill_mu(h["step"], start=SCHEDULE["pruning_start"],
+                                                       end=SCHEDULE["pruning_end"]), abs=1e-9)
+    assert mus[0] < 1.0 and mus[-1] == 1.0
+    # the logged loss is mu (a_pred L_pred + a_layer L_layer) + (1 - mu) L_task, with the per-task a_pred
+    for h in distill:
+        assert all(math.isfinite(h[k]) for k in ("loss_task", "loss_pred", "loss_layer"))
+        assert h["loss_pred"] >= -1e-6 and h["loss_layer"] >= 0
+        mu = h["apt/mu"]
+        want = mu * (a_pred * h["loss_pred"] + 0.9 * h["loss_layer"]) + (1 - mu) * h["loss_task"]
+        assert h["loss"] == pytest.approx(want, rel=1e-5, abs=1e-7), h
+    assert any(h["loss_layer"] > 0 for h in distill)
+
+    # teacher refreshes: considered at the windows of real events before distill_end, taken when eval_loss improves
+    assert tr.distiller.refresh_steps == set(WINDOWS)
+    evals = {h["step"]: h["eval_loss"] for h in tr.state.log_history if "eval_loss" in h}
+    assert set(WINDOWS) <= set(evals)
+    best, improvements = None, 0
+    for step in WINDOWS:
+        if best is None or evals[step] < best:
+            best, improvements = evals[step], improvements + 1
+    assert tr.distiller.teacher.refreshes == improvements >= 1
+
+    # learning rate: the linear schedule, times 0.1 after distill_end (used and logged)
+    for step in range(1, MAX_STEPS + 1):
+        want = linear_lr(step) * (0.1 if step > DISTILL_END else 1.0)
+        assert rec.lr[step] == pytest.approx([want] * len(rec.lr[step]), rel=1e-6, abs=1e-12), step
+        assert logs[step - 1]["learning_rate"] == pytest.approx(want, rel=1e-6, abs=1e-12), step
+
+    # pruned to the target; finite losses throughout
+    assert density(pm) <= 0.41
+    assert all(math.isfinite(h["loss"]) for h in logs)
+    assert math.isfinite(tr.state.log_history[-1]["train_loss"])
+
+
+def test_mu_is_averaged_over_the_logging_window(tmp_path):
+    tr, _, _ = train("bert", tmp_path, logging_steps=5)
+    logs = train_logs(tr)
+    steps = [h["step"] for h in logs]
+    # every 5 steps, plus a log at each pruning event
+    assert steps == sorted(set(range(5, MAX_STEPS + 1, 5)) | set(EVENTS))
+    distill = []
+    for prev, h in zip([0] + steps, logs):
+        window = [s for s in range(prev + 1, h["step"] + 1) if DISTILL_START <= s < DISTILL_END]
+        assert ("apt/mu" in h) == bool(window) == ("loss_pred" in h) == ("loss_layer" in h), h["step"]
+        if window:
+            want = sum(distill_mu(s, start=4, end=24) for s in window) / len(window)
+            assert h["apt/mu"] == pytest.approx(want, abs=1e-9), h["step"]
+            distill.append(h["apt/mu"])
+    assert len(distill) >= 6 and all(b >= a for a, b in zip(distill, distill[1:]))
+
+
+def test_distillation_waits_for_first_real_event(tmp_path):
+    # warm-up plateau until step 10: the event at 9 keeps density 1, the first real event is at 14
+    tr, pm, _ = train("bert", tmp_path, max_steps=24, sparsity_warmup=6, distill_end=20)
+    assert (tr.distiller.start, tr.distiller.end) == (15, 20)
+    assert tr.distiller.refresh_steps == {11, 16}
+    assert [h["step"] for h in train_logs(tr) if "loss_pred" in h] == list(range(15, 20))
+
+
+def test_without_eval_teacher_refreshes_every_window(tmp_path):
+    tr, pm, _ = train("bert", tmp_path, eval_data=False, max_steps=MAX_STEPS)
+    assert tr.distiller.teacher.refreshes == len(WINDOWS)
+    assert [h["step"] for h in train_logs(tr) if "loss_pred" in h] == list(range(DISTILL_START, DISTILL_END))
+
+
+# ================================================================================================ w/o D_S (F.5)
+def test_without_distillation(tmp_path):
+    tr, pm, rec = train("bert", tmp_path, distillation=False)
+    logs = train_logs(tr)
+    assert len(logs) == MAX_STEPS
+    assert not any(k in h for h in logs for k in ("loss_pred", "loss_layer", "loss_task", "apt/mu"))
+    assert not tr.distiller.enabled and tr.distiller.teacher.refreshes == 0
+    assert not hasattr(apt_hf.find_apt_model(pm), "apt_transform")
+    # still pruned to the target at the events
+    assert 0.99 * 0.4 <= density(pm) <= 0.4
+    assert tr.apt_callback.events_done == len(EVENTS)
+    # plain linear schedule: no post-distillation drop
+    for step in range(1, MAX_STEPS + 1):
+        assert rec.lr[step] == pytest.approx([linear_lr(step)] * len(rec.lr[step]), rel=1e-6, abs=1e-12)
+    assert all(math.isfinite(h["loss"]) for h in logs)
+
+
+@pytest.mark.parametrize("cfg", [{"target_sparsity": 0.0}, {"adaptive_pruning": False}])
+def test_no_pruning_means_no_distillation_phase(cfg, tmp_path):
+    """No event with target < 1 (nothing pruned): training runs with the task loss only and an undropped LR."""
+    tr, pm, rec = train("bert", tmp_path, eval_data=False, max_steps=24, distill_end=20, **cfg)
+    assert tr.state.global_step == 24 and not tr.distiller.enabled
+    assert not any("loss_pred" in h or "apt/mu" in h for h in train_logs(tr))
+    assert density(pm) == 1.0
+    assert rec.lr[22] == pytest.approx([LR * (24 - 21) / 24] * len(rec.lr[22]))
+
+
+# ================================================================================================ errors
+@pytest.mark.parametrize("distill_end", [5, 9, 10, 0.2])
+def test_distill_end_before_first_real_event_raises(distill_end, tmp_path):
+    factory, task, data, _ = RUNS["bert"]
+    pm = peft.get_peft_model(factory(), apt_hf.APTConfig(task_type=task, **SCHEDULE, distill_end=distill_end))
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=8, max_steps=MAX_STEPS, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+    tr = apt_hf.APTTrainer(model=pm, args=args, train_dataset=TokenData(data))
+    with pytest.raises(ValueError, match="distill_end"):
+        tr.train()
+    assert tr.state.global_step == 0
+
+
+def test_distill_end_after_plateau_event_but_before_real_event_raises(tmp_path):
+    factory, task, data, _ = RUNS["bert"]
+    cfg = apt_hf.APTConfig(task_type=task, **{**SCHEDULE, "sparsity_warmup": 6}, distill_end=12)
+    pm = peft.get_peft_model(factory(), cfg)
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=8, max_steps=MAX_STEPS, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+    tr = apt_hf.APTTrainer(model=pm, args=args, train_dataset=TokenData(data))
+    with pytest.raises(ValueError, match="distill_end"):
+        tr.train()
