@@ -331,12 +331,16 @@ def test_fill_budget_within_budget_and_above_prefix(kind, seed, frac, spread):
     prefix_count, count = cm.count(*kept), cm.count(*filled)
     assert count <= budget
     assert count >= prefix_count
-    # a superset of the prefix; grouped-query heads are left as the search chose them
+    # a superset of the prefix; grouped-query layers grow by whole rows: the same surviving groups, each with the
+    # same number of query heads
     for a, b in zip(kept[0] + kept[1] + [kept[2]], filled[0] + filled[1] + [filled[2]]):
         assert bool((b | a).eq(b).all())
     for l, g_size in enumerate(cm.group_size):
         if g_size > 1:
-            assert torch.equal(filled[0][l], kept[0][l])
+            before, after = kept[0][l].view(-1, g_size), filled[0][l].view(-1, g_size)
+            assert torch.equal(before.any(1), after.any(1))
+            per_group = after.sum(1)[after.any(1)]
+            assert bool((per_group == per_group[0]).all()) if per_group.numel() else True
     # maximal: no single remaining neuron / hidden dimension / plain head would still fit
     for l, k in enumerate(filled[1]):
         for j in torch.nonzero(~k).flatten().tolist()[:3]:

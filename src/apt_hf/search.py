@@ -245,8 +245,9 @@ def fill_budget(
     The prefix search stops at the first block that does not fit, which on small models (where one hidden
     dimension costs a few percent of the model) can leave the count well under the target. This pass walks the
     remaining blocks by descending density and keeps every one whose exact extra cost (``count_model``'s B.3
-    terms, updated incrementally) still fits. Heads of grouped-query layers are left as the search chose them, so
-    the group rule keeps holding. The result never exceeds ``budget``.
+    terms, updated incrementally) still fits. In grouped-query layers the unit is a *row*: one more query head in
+    every surviving key/value group (its best remaining head), so the group rule keeps holding; rows of a layer
+    are taken in order. The result never exceeds ``budget``.
     """
     cm = count_model
     heads, neurons, hidden = [h.clone() for h in kept[0]], [n.clone() for n in kept[1]], kept[2].clone()
@@ -254,15 +255,36 @@ def fill_budget(
     total = cm.count(heads, neurons, hidden)
     per_dim = float(cm.hidden_cost(heads, neurons))
     candidates: list[tuple[float, str, int, int]] = []
+    rows: dict[tuple[int, int], list[int]] = {}
     for l, (k, dens) in enumerate(zip(heads, densities[0])):
-        if cm.group_size[l] == 1:
+        g = cm.group_size[l]
+        if g == 1:
             candidates += [(float(dens[j]), "h", l, j) for j in torch.nonzero(~k).flatten().tolist()]
+            continue
+        groups = k.view(-1, g)
+        alive = torch.nonzero(groups.any(1)).flatten().tolist()
+        if not alive:
+            continue
+        per_group = []
+        for grp in alive:
+            free = torch.nonzero(~groups[grp]).flatten()
+            order = free[torch.argsort(dens.view(-1, g)[grp][free], descending=True, stable=True)]
+            per_group.append([grp * g + int(j) for j in order])
+        for r in range(min(len(p) for p in per_group)):
+            rows[(l, r)] = [p[r] for p in per_group]
+            candidates.append((float(sum(float(dens[j]) for j in rows[(l, r)]) / len(rows[(l, r)])), "r", l, r))
     for f, (k, dens) in enumerate(zip(neurons, densities[1])):
         candidates += [(float(dens[j]), "n", f, j) for j in torch.nonzero(~k).flatten().tolist()]
     candidates += [(float(densities[2][j]), "d", 0, j) for j in torch.nonzero(~hidden).flatten().tolist()]
     candidates.sort(key=lambda c: -c[0])
+    next_row = {l: 0 for l in range(len(heads))}
     for _, kind, l, j in candidates:
-        if kind == "h":
+        if kind == "r":
+            if j != next_row[l]:
+                continue
+            dh, qb, n = cm.head_dim[l], cm.qkv_bias[l], len(rows[(l, j)])
+            delta, grow = n * (d * dh * 2 + qb * dh), n * dh * 2
+        elif kind == "h":
             dh, qb = cm.head_dim[l], cm.qkv_bias[l]
             delta, grow = d * dh * 4 + qb * dh * 3, dh * 4
         elif kind == "n":
@@ -273,7 +295,10 @@ def fill_budget(
             continue
         total += delta
         per_dim += grow
-        if kind == "h":
+        if kind == "r":
+            heads[l][rows[(l, j)]] = True
+            next_row[l] += 1
+        elif kind == "h":
             heads[l][j] = True
         elif kind == "n":
             neurons[l][j] = True
