@@ -5,6 +5,10 @@ where block salience and adapter importance are folded into their EMAs (skipped 
 only at ``on_step_end``. In the ``mask_decay_window`` steps before each pruning event the masks move by
 ``mask_decay`` toward the salience-density search result; at the event they are set to exactly 0/1, the pruned
 structure is removed physically, the top adapters grow, and the optimizer is updated in place.
+
+Under DistributedDataParallel (with :class:`~apt_hf.APTTrainer` only) salience and adapter importance are averaged
+over processes, masks and grown adapter rows are broadcast from rank 0, and the DDP wrapper is rebuilt after each
+event (see :mod:`apt_hf.distributed`); FSDP, DeepSpeed and other setups are refused at train start.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from transformers import TrainerCallback
 
+from . import distributed
 from .config import APTConfig
 from .model import APTModel, find_apt_model
 from .optim import apply_param_changes, drop_params
@@ -58,12 +63,13 @@ def resolve_plan(cfg: APTConfig, max_steps: int) -> Plan:
         raise ValueError(f"APT's last pruning event is at step {end} but the run has only {max_steps} optimizer steps, "
                          "so the schedule would never finish; lower APTConfig.pruning_end or train longer.")
     if end <= start + warmup:
-        raise ValueError(f"APT's pruning window [{start}, {end}] leaves no steps after the {warmup}-step sparsity "
-                         "warm-up; the target could never drop below 1. Lower pruning_start/sparsity_warmup or raise "
-                         "pruning_end.")
+        raise ValueError(f"APT's pruning schedule for a run of {max_steps} optimizer steps has the window [{start}, "
+                         f"{end}], which leaves no steps after the {warmup}-step sparsity warm-up; the target could "
+                         "never drop below 1. Lower pruning_start/sparsity_warmup, raise pruning_end or train longer.")
     if end - start < cfg.num_pruning_events:
-        raise ValueError(f"APT's pruning window [{start}, {end}] is shorter than num_pruning_events="
-                         f"{cfg.num_pruning_events}; use fewer events or a longer window.")
+        raise ValueError(f"APT's pruning schedule for a run of {max_steps} optimizer steps has the window [{start}, "
+                         f"{end}], shorter than num_pruning_events={cfg.num_pruning_events}; use fewer events or a "
+                         "longer window.")
     events = tuple(pruning_event_steps(start, end, cfg.num_pruning_events))
     windows = tuple(decay_window_start(e, events[i - 1] if i else None, cfg.mask_decay_window, start)
                     for i, e in enumerate(events))
@@ -90,9 +96,15 @@ class APTCallback(TrainerCallback):
         self._pending: dict[str, float] = {}
         self._restored: Optional[dict] = None
         self.change_listeners: list = []  # called with the ParamChange list of every event (e.g. the teacher)
+        # Set by APTTrainer: rebuilds the DDP wrapper after parameters were replaced (``dry_run=True`` only checks
+        # that it can). Without it, multi-process training is refused (a callback cannot reach the wrapper).
+        self.rebuild_wrapper: Optional[Callable[..., None]] = None
 
     # ------------------------------------------------------------------------------------------ setup
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        distributed.check_supported(args, model, has_rebuilder=self.rebuild_wrapper is not None)
+        if distributed.world_size() > 1:
+            self.rebuild_wrapper(dry_run=True)
         self.apt = find_apt_model(model)
         cfg = self.config or self.apt.peft_config[self.adapter_name]
         if not isinstance(cfg, APTConfig):
@@ -182,6 +194,9 @@ class APTCallback(TrainerCallback):
                 masks.neurons[i] = mask_step(masks.neurons[i], keep.to(masks.neurons[i].device), self.config.mask_decay,
                                              hard)
             masks.hidden.copy_(mask_step(masks.hidden, keep_d.to(masks.hidden.device), self.config.mask_decay, hard))
+        # The search is deterministic and its inputs were averaged over processes, so ranks agree already; rank 0's
+        # masks are made authoritative anyway (no-op in one process).
+        distributed.broadcast_([*masks.heads, *masks.neurons, masks.hidden])
 
     def _event(self, k: int, target: float, optimizer, prune_now: bool) -> None:
         apt, cfg = self.apt, self.config
@@ -202,12 +217,17 @@ class APTCallback(TrainerCallback):
             budget = adapter_budget(self.plan.events[k], start=self.plan.start, end=self.plan.end,
                                     initial=self.initial_adapter_size, ratio=cfg.tuning_budget_ratio)
             sizes = {n: (l.in_features + l.out_features, l.r[self.adapter_name]) for n, l in layers.items()}
-            plan = plan_rank_growth(sizes, self.importance.importance(), budget, cfg.max_rank)
-            changes += grow_ranks(layers, plan, self.adapter_name)
+            importance = distributed.mean_dict_over_ranks(self.importance.importance(), list(layers))
+            plan = plan_rank_growth(sizes, importance, budget, cfg.max_rank)
+            grown = grow_ranks(layers, plan, self.adapter_name)
+            distributed.broadcast_([c.new.data for c in grown])  # new rows of A are random: use rank 0's
+            changes += grown
             self.importance.reset()
         apply_param_changes(optimizer, changes)
         alive = {id(p) for p in apt.parameters()}  # modules removed whole (an attention with no head left)
         drop_params(optimizer, [p for p in before + [c.new for c in changes] if id(p) not in alive])
+        if changes and self.rebuild_wrapper is not None:
+            self.rebuild_wrapper()
         for listener in self.change_listeners:
             listener(changes)
         self.events_done = k + 1
@@ -296,6 +316,6 @@ class APTCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(folder):
+        if args.should_save and os.path.isdir(folder):  # under DDP the state is identical on every rank
             torch.save(self.state_dict(), os.path.join(folder, STATE_FILE))
         return control

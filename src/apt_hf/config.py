@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -18,6 +20,11 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "qwen2": ["q_proj", "v_proj"],
     "t5": ["q", "v", "wi_0", "wi"],
 }
+
+_INT_FIELDS = ("r", "num_pruning_events", "mask_decay_window", "max_rank", "distill_num_layers", "transform_rank")
+_REAL_FIELDS = ("lora_alpha", "lora_dropout", "target_sparsity", "pruning_start", "pruning_end", "sparsity_warmup",
+                "mask_decay", "salience_beta", "tuning_budget_ratio", "distill_end", "distill_temperature",
+                "distill_pred_weight", "distill_layer_weight", "post_distill_lr_ratio")
 
 
 @dataclass
@@ -122,6 +129,17 @@ class APTConfig(PeftConfig):
         def bad(name: str, value: object, want: str) -> ValueError:
             return ValueError(f"APTConfig.{name}={value!r} is invalid: {want}.")
 
+        # Types first, so that strings, bools, NaN and inf never reach (or slip through) the range checks below.
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise bad(name, value, "use an integer")
+        for name in _REAL_FIELDS:
+            value = getattr(self, name)
+            if value is None and name == "distill_pred_weight":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise bad(name, value, "use a finite number")
         if not isinstance(self.r, int) or self.r < 1:
             raise bad("r", self.r, "use a positive integer rank such as 8")
         if self.lora_alpha <= 0:
@@ -148,11 +166,13 @@ class APTConfig(PeftConfig):
             raise bad("max_rank", self.max_rank, f"it must be >= r ({self.r})")
         if self.distill_temperature <= 0:
             raise bad("distill_temperature", self.distill_temperature, "use a positive temperature (spec: 2/3)")
-        if self.distill_pred_weight is not None and self.distill_pred_weight < 0 or self.distill_layer_weight < 0:
-            raise bad("distill_*_weight", (self.distill_pred_weight, self.distill_layer_weight), "use weights >= 0")
-        if self.distill_num_layers < 1 or self.transform_rank < 1:
-            raise bad("distill_num_layers/transform_rank", (self.distill_num_layers, self.transform_rank),
-                      "use positive integers")
+        if self.distill_pred_weight is not None and self.distill_pred_weight < 0:
+            raise bad("distill_pred_weight", self.distill_pred_weight, "use a weight >= 0, or None for the task default")
+        if self.distill_layer_weight < 0:
+            raise bad("distill_layer_weight", self.distill_layer_weight, "use a weight >= 0 (spec: 0.9)")
+        for name in ("distill_num_layers", "transform_rank"):
+            if getattr(self, name) < 1:
+                raise bad(name, getattr(self, name), "use a positive integer")
         if not 0.0 < self.post_distill_lr_ratio <= 1.0:
             raise bad("post_distill_lr_ratio", self.post_distill_lr_ratio, "use a factor in (0, 1]")
         if isinstance(self.distill_end, bool) or self.distill_end < 0 or (

@@ -62,7 +62,15 @@ def export_pruned(model: nn.Module, output_dir: Union[str, os.PathLike], overwri
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as _load
+
+    def load_file(name: str) -> dict[str, torch.Tensor]:
+        try:
+            return _load(name)
+        except SafetensorError as err:
+            raise ValueError(f"{name} cannot be read ({err}); the file is truncated or corrupted. "
+                             "Export the model again.") from None
 
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
@@ -86,6 +94,11 @@ def _shape_model(model: nn.Module, record: dict[str, Any]) -> None:
     if len(record["heads"]) != len(heads) or len(record["neurons"]) != len(neurons):
         raise ValueError(f"{STRUCTURE_FILE} describes {len(record['heads'])} attention and {len(record['neurons'])} "
                          f"FFN sites but config.json builds {len(heads)} and {len(neurons)}; the export is corrupted.")
+    for key, want, full in (("heads", record["heads"], heads), ("neurons", record["neurons"], neurons),
+                            ("hidden_size", [record["hidden_size"]], [hidden])):
+        if any(w > f for w, f in zip(want, full)):
+            raise ValueError(f"{STRUCTURE_FILE} has {key} {want}, more than config.json's unpruned model has "
+                             f"({full}); the export is corrupted.")
     head_idx = []
     for site, n_q, n_kv in zip(layout.attentions, record["heads"], record["kv_heads"]):
         g = site.group_size
@@ -122,11 +135,26 @@ def load_pruned(path: Union[str, os.PathLike], **kwargs: Any) -> transformers.Pr
                                 "(an unpruned model loads with transformers' from_pretrained).")
     try:
         record = json.loads(record_file.read_text())
-        missing = {"heads", "kv_heads", "neurons", "hidden_size"} - set(record)
     except json.JSONDecodeError as err:
         raise ValueError(f"{record_file} is not valid JSON ({err}); the export is corrupted.") from None
+    wanted = {"heads", "kv_heads", "neurons", "hidden_size"}
+    missing = wanted - set(record) if isinstance(record, dict) else wanted
     if missing:
         raise ValueError(f"{record_file} lacks {sorted(missing)}; the export is corrupted or incomplete.")
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    for key in ("heads", "kv_heads", "neurons"):
+        if not isinstance(record[key], list) or not all(count(v) for v in record[key]):
+            raise ValueError(f"{record_file} has {key}={record[key]!r}; it must be a list of non-negative integers, "
+                             "one per site. The export is corrupted.")
+    if not count(record["hidden_size"]):
+        raise ValueError(f"{record_file} has hidden_size={record['hidden_size']!r}; it must be a non-negative "
+                         "integer. The export is corrupted.")
+    if len(record["kv_heads"]) != len(record["heads"]):
+        raise ValueError(f"{record_file} lists {len(record['heads'])} heads entries but {len(record['kv_heads'])} "
+                         "kv_heads entries; the export is corrupted.")
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json; the export is incomplete.")
     config = transformers.AutoConfig.from_pretrained(path)

@@ -18,6 +18,7 @@ from .masks import APTMasks, install_mask_hooks, remove_mask_hooks, sizes_of
 from .prune import apply_structure, fold_unit_masks, kept_after
 
 MASKS_ATTR = "apt_masks"
+BASE_SIZES_ATTR = "apt_base_sizes"  # heads per attention, neurons per FFN, hidden width of the unpruned base model
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -77,6 +78,8 @@ class APTModel(BaseTuner):
         masks = APTMasks(heads, neurons, hidden)
         device = next(model.parameters()).device
         setattr(self, MASKS_ATTR, masks.to(device))
+        self.register_buffer(BASE_SIZES_ATTR, torch.tensor(heads + neurons + [hidden], dtype=torch.long,
+                                                           device=device))
         self._mask_handles = install_mask_hooks(layout, masks)
         if config.distillation:
             weight = next(model.parameters())
@@ -126,6 +129,12 @@ class APTModel(BaseTuner):
     def restore_structure(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Physically prune a fresh model to the kept-index record found in a saved adapter state dict."""
         masks = self.masks
+        base = next((v for k, v in state_dict.items() if k.rsplit(".", 1)[-1] == BASE_SIZES_ATTR), None)
+        mine = getattr(self, BASE_SIZES_ATTR, None)
+        if base is not None and mine is not None and not torch.equal(base.cpu().long(), mine.cpu()):
+            raise ValueError(f"The saved APT adapter was trained on a base model of sizes {base.tolist()} but this "
+                             f"base model has {mine.tolist()} (heads per attention, neurons per FFN, hidden width, "
+                             "before pruning); load it onto the base model it was trained on.")
         keys = {k.split(f"{MASKS_ATTR}.", 1)[1]: v for k, v in state_dict.items() if f"{MASKS_ATTR}." in k}
         if not keys:
             return

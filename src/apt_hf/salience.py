@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import distributed
 from .arch import Layout, base_linear
 from .layer import APTLinear
 
@@ -151,11 +152,33 @@ class SalienceCollector:
                 neurons.append(None if mean is None else outlier_term(column_kurtosis(w, mean.to(w.device))).cpu())
         return heads, neurons
 
+    def _reduce_over_processes(self) -> None:
+        """Replace this step's scores (and kurtosis mean activations) by their mean over processes (one collective;
+        a no-op in one process). See :mod:`apt_hf.distributed` for why the mean."""
+        if distributed.world_size() == 1:
+            return
+        n_h, n_n = len(self.step_heads), len(self.step_neurons)
+        tensors = [*self.step_heads, *self.step_neurons, self.step_hidden]
+        sizes = [e.numel() for e in self.ema_heads] + [e.numel() for e in self.ema_neurons] + [self.ema_hidden.numel()]
+        if self.use_kurtosis:
+            tensors += [*self.mean_context, *self.mean_inter]
+            sizes += [base_linear(s.o).in_features for s in self.layout.attentions]
+            sizes += [base_linear(f.down).in_features for f in self.layout.ffns]
+        out = distributed.mean_over_ranks(tensors, sizes)
+        self.step_heads, self.step_neurons, self.step_hidden = out[:n_h], out[n_h:n_h + n_n], out[n_h + n_n]
+        if self.use_kurtosis:
+            rest = out[n_h + n_n + 1:]
+            self.mean_context, self.mean_inter = rest[:n_h], rest[n_h:]
+
     def end_step(self) -> bool:
-        """Fold this optimizer step's scores into the EMA; returns False (and drops them) if any is not finite."""
+        """Fold this optimizer step's scores into the EMA; returns False (and drops them) if any is not finite.
+
+        Under DDP the scores are first averaged over processes (a collective: every rank calls this at the same
+        optimizer steps), so every rank folds identical values and skips the same steps."""
         self.step_heads = [None if t is None else t.cpu() for t in self.step_heads]
         self.step_neurons = [None if t is None else t.cpu() for t in self.step_neurons]
         self.step_hidden = None if self.step_hidden is None else self.step_hidden.cpu()
+        self._reduce_over_processes()
         parts = [t for t in self.step_heads + self.step_neurons + [self.step_hidden] if t is not None]
         if not parts:
             self._reset_step()

@@ -248,7 +248,17 @@ def fill_budget(
     terms, updated incrementally) still fits. In grouped-query layers the unit is a *row*: one more query head in
     every surviving key/value group (its best remaining head), so the group rule keeps holding; rows of a layer
     are taken in order. The result never exceeds ``budget``.
+
+    Raises:
+        ValueError: on NaN/inf densities (naming the block type) or a NaN budget.
     """
+    for what, group in (("head", densities[0]), ("neuron", densities[1]), ("hidden-dimension", [densities[2]])):
+        for t in group:
+            if torch.is_tensor(t) and t.numel() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"fill_budget: {what} densities contain NaN or inf; check the salience and the "
+                                 "block costs before filling the budget.")
+    if math.isnan(budget):
+        raise ValueError("fill_budget: budget is NaN; pass rho_t * n_params of the original model.")
     cm = count_model
     heads, neurons, hidden = [h.clone() for h in kept[0]], [n.clone() for n in kept[1]], kept[2].clone()
     d = int(hidden.sum())

@@ -4,6 +4,9 @@ Phases (spec F.2), all in optimizer steps: plain tuning -> distillation from the
 target density is < 1 until ``distill_end`` (``L = mu L_distill + (1 - mu) L_task``, mu linear over the pruning
 window, spec F.3) -> task-loss fine-tuning of the pruned model at ``post_distill_lr_ratio`` x the learning rate (the
 same optimizer and schedule, scaled). ``Trainer.train()`` is not altered.
+
+Under DistributedDataParallel, ``APTTrainer`` hands the callback a ``rebuild_wrapper`` that re-initialises the
+Trainer's DDP wrapper in place after every event that replaced parameters (see :mod:`apt_hf.distributed`).
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from . import distributed
 from .callback import APTCallback, _steps
 from .distill import (Teacher, alive_layers, default_pred_weight, layer_loss, prediction_loss,
                       sample_teacher_layers)
-from .model import APTModel
+from .model import APTModel, find_apt_model
 from .schedule import distill_mu
 
 logger = logging.getLogger(__name__)
@@ -76,6 +80,12 @@ class DistillCallback(TrainerCallback):
             path = os.path.join(self.resume_dir, DISTILL_STATE_FILE)
             if os.path.exists(path):
                 self.load_state_dict(torch.load(path, weights_only=False), model)
+            elif state.global_step >= min(self.refresh_steps, default=self.start):
+                raise FileNotFoundError(
+                    f"{self.resume_dir} has no {DISTILL_STATE_FILE}, but the run resumes at step {state.global_step}, "
+                    "after the distillation teacher was first taken; without it distillation would silently run with "
+                    "no teacher. Resume from a checkpoint saved by apt_hf.APTTrainer, or set "
+                    "APTConfig.distillation=False.")
             self.resume_dir = None
         return control
 
@@ -89,7 +99,7 @@ class DistillCallback(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if self.enabled and os.path.isdir(folder):
+        if self.enabled and args.should_save and os.path.isdir(folder):
             torch.save(self.state_dict(model), os.path.join(folder, DISTILL_STATE_FILE))
         return control
 
@@ -150,6 +160,7 @@ class APTTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.apt_callback is None:
             self.add_callback(APTCallback())
+        self.apt_callback.rebuild_wrapper = self._rebuild_ddp_wrapper
         self.distiller = DistillCallback(self.apt_callback, has_eval=self.eval_dataset is not None)
         self.add_callback(self.distiller)
         self._distill_logs: dict[str, list[float]] = {}
@@ -164,7 +175,46 @@ class APTTrainer(Trainer):
         if isinstance(path, str):
             self.apt_callback.restore_from(path)
             self.distiller.resume_dir = path
+        self._keep_transform_out_of_ddp()
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ DDP
+    def _outside_ddp_params(self) -> list:
+        """Trainable parameters used outside the wrapped forward: the distillation transform (apt_hf.distributed)."""
+        transform = getattr(find_apt_model(self.model), "apt_transform", None)
+        return [] if transform is None else [p for p in transform.parameters() if p.requires_grad]
+
+    def _keep_transform_out_of_ddp(self) -> None:
+        if distributed.world_size() == 1 or self.model is None:
+            return
+        transform = getattr(find_apt_model(self.model), "apt_transform", None)
+        if transform is not None:
+            distributed.exclude_from_ddp(self.model, list(transform.parameters()))
+            distributed.broadcast_([p.data for p in transform.parameters()])
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if distributed.world_size() > 1 and self.accelerator.sync_gradients:
+            distributed.average_gradients(self._outside_ddp_params())  # what DDP does for the other parameters
+        return loss
+
+    def _rebuild_ddp_wrapper(self, dry_run: bool = False) -> None:
+        """Re-initialise the DDP wrapper in place for the current parameters (no-op in one process).
+
+        ``self.model_wrapped``, ``accelerator._models`` and the training loop's local ``model`` all hold this same
+        object, so they stay valid (apt_hf.distributed explains why not a new wrapper)."""
+        if distributed.world_size() == 1:
+            return
+        ddp = distributed.find_ddp(self.model_wrapped)
+        if ddp is None:
+            raise distributed.UnsupportedParallelismError(
+                f"APT is running in {distributed.world_size()} processes but the Trainer's model is wrapped in "
+                f"{type(self.model_wrapped).__name__}, not DistributedDataParallel. Supported: {distributed.SUPPORTED}.")
+        if dry_run:
+            distributed.check_rewrappable(ddp)
+            return
+        handler = getattr(self.accelerator, "ddp_handler", None)
+        distributed.rewrap_ddp(ddp, handler.register_comm_hook if handler is not None else None)
 
     @property
     def apt_callback(self) -> Optional[APTCallback]:
