@@ -1,0 +1,401 @@
+"""Exact resume of APT training from a checkpoint (USERS.md item 7; spec K.4-K.7).
+
+One uninterrupted reference run (module-scoped) is compared with runs that a FRESH trainer and a FRESH model resume
+from a checkpoint written at a chosen step of a second, identical run. The resumed run must end with the same masks,
+ranks, parameter count, APT salience state and weights (max abs diff <= 1e-6) as the uninterrupted one.
+
+Schedule (optimizer steps, 70 in all): pruning window [5, 40], warm-up 5, events at 13, 22, 31, 40, mask-decay
+windows 8-12, 17-21, 26-30, 35-39 (mask step 0.25, so masks are fractional inside a window), distillation from step
+14 to 60 with teacher refreshes at the window starts 8, 17, 26, 35, then fine-tuning at 0.1x learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import peft
+import pytest
+import torch
+import transformers
+from conftest import make_config
+from safetensors.torch import load_file
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+
+import apt_hf
+from apt_hf.callback import STATE_FILE, APTCallback
+from apt_hf.trainer import DISTILL_STATE_FILE
+
+MAX_STEPS = 70
+R = 8
+SCHEDULE = dict(pruning_start=5, pruning_end=40, sparsity_warmup=5, num_pruning_events=4, mask_decay_window=5,
+                mask_decay=0.25)
+EVENTS = (13, 22, 31, 40)
+DISTILL = (14, 60)
+TOL = 1e-6
+
+# name -> checkpoint step
+CASES = {
+    "decay_window": 10,  # masks fractional, nothing removed yet, before distillation
+    "after_event": 13,  # first event: blocks physically removed, ranks grown, teacher refreshed at 8 not yet used
+    "window_in_distill": 19,  # fractional masks on an already pruned model, distillation running
+    "distill": 33,  # after the third event, teacher refreshed at 26 and sliced at 31
+    "after_distill": 62,  # after the 0.1x learning-rate drop at step 60
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest on a shared 2-core machine
+    transformers.logging.set_verbosity_error()
+    yield
+    torch.set_num_threads(before)
+
+
+# ================================================================================================ helpers
+class TokenTask(torch.utils.data.Dataset):
+    """Sequence classification (label = first token > 50) or causal LM (labels = inputs) on random tokens."""
+
+    def __init__(self, n: int = 256, seq_len: int = 12, vocab: int = 100, lm: bool = False) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(3, vocab, (n, seq_len), generator=g)
+        self.labels = self.ids.clone() if lm else (self.ids[:, 0] > 50).long()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def bert_model(distillation: bool = True, **overrides) -> peft.PeftModel:
+    torch.manual_seed(0)
+    fields = dict(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                  num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    fields.update(overrides)
+    cfg = apt_hf.APTConfig(task_type="SEQ_CLS", r=R, distillation=distillation, distill_end=DISTILL[1], **SCHEDULE)
+    return peft.get_peft_model(BertForSequenceClassification(BertConfig(**fields)), cfg)
+
+
+def llama_model() -> peft.PeftModel:
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(make_config("llama_gqa"))  # 8 query heads in 2 key/value groups
+    cfg = apt_hf.APTConfig(task_type="CAUSAL_LM", r=R, distill_end=DISTILL[1], **SCHEDULE)
+    return peft.get_peft_model(base, cfg)
+
+
+def make_args(out, **kw) -> TrainingArguments:
+    fields = dict(per_device_train_batch_size=8, max_steps=MAX_STEPS, learning_rate=1e-3, logging_steps=10,
+                  report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0, disable_tqdm=True)
+    fields.update(kw)
+    return TrainingArguments(str(out), **fields)
+
+
+class SaveAt(TrainerCallback):
+    """Ask for a checkpoint at the given steps (the reference run itself never saves)."""
+
+    def __init__(self, steps) -> None:
+        self.steps = set(steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            control.should_save = True
+        return control
+
+
+class Recorder(TrainerCallback):
+    """Snapshot of the APT state at chosen steps and right after training (re)starts. Added after the APT
+    callbacks, so it sees each step's event and teacher refresh."""
+
+    def __init__(self, trainer: Trainer, steps=()) -> None:
+        self.trainer, self.steps = trainer, set(steps)
+        self.at: dict[int, dict] = {}
+        self.begin: Optional[dict] = None
+
+    def snapshot(self, model) -> dict:
+        apt = apt_hf.find_apt_model(model)
+        masks = apt.masks
+        snap = {
+            "heads": [m.clone() for m in masks.heads], "neurons": [m.clone() for m in masks.neurons],
+            "hidden": masks.hidden.clone(), "ranks": ranks(model), "params": apt.count_params(),
+        }
+        distiller = getattr(self.trainer, "distiller", None)
+        if distiller is not None and distiller.enabled:
+            state = distiller.state_dict(model)
+            snap["teacher"] = {k: v.clone() for k, v in state["teacher"].items()}
+            snap["refreshes"] = state["refreshes"]
+        return snap
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.begin = self.snapshot(model)
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps:
+            self.at[state.global_step] = self.snapshot(model)
+        return control
+
+
+def ranks(model) -> dict[str, int]:
+    return {n: l.r["default"] for n, l in apt_hf.find_apt_model(model).apt_layers().items()}
+
+
+def train(make_model, out, trainer_cls=apt_hf.APTTrainer, save_at=(), record_at=(), resume=None, callbacks=(),
+          **arg_kw):
+    """Train a fresh model; returns (trainer, model, recorder)."""
+    pm = make_model()
+    args = make_args(out, **arg_kw)
+    lm = getattr(pm.peft_config["default"], "task_type", None) == "CAUSAL_LM"
+    cbs = [SaveAt(save_at)] if save_at else []
+    tr = trainer_cls(model=pm, args=args, train_dataset=TokenTask(lm=lm), callbacks=cbs + list(callbacks))
+    rec = Recorder(tr, record_at)
+    tr.add_callback(rec)  # after APTCallback / DistillCallback
+    tr.train(resume_from_checkpoint=resume)
+    return tr, pm, rec
+
+
+def final_state(tr, pm) -> dict:
+    apt = apt_hf.find_apt_model(pm)
+    cb = next(c for c in tr.callback_handler.callbacks if isinstance(c, APTCallback))
+    return {"weights": {k: v.detach().clone() for k, v in pm.state_dict().items()}, "ranks": ranks(pm),
+            "params": apt.count_params(), "callback": cb.state_dict(), "lr": tr.optimizer.param_groups[0]["lr"]}
+
+
+def assert_same_tensors(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), f"{what}: keys differ: {sorted(set(a) ^ set(b))[:5]}"
+    for k in a:
+        assert a[k].shape == b[k].shape, f"{what}: {k} has shape {tuple(a[k].shape)} vs {tuple(b[k].shape)}"
+        if a[k].numel():
+            diff = (a[k].double() - b[k].double()).abs().max().item()
+            assert diff <= TOL, f"{what}: {k} differs by {diff}"
+
+
+def assert_same_run(ref: dict, got: dict) -> None:
+    assert got["ranks"] == ref["ranks"]
+    assert got["params"] == ref["params"]
+    assert got["lr"] == pytest.approx(ref["lr"], rel=1e-9, abs=1e-15)
+    assert_same_tensors(ref["weights"], got["weights"], "weights/masks")  # masks and kept records are buffers
+    ref_cb, got_cb = ref["callback"], got["callback"]
+    assert got_cb["events_done"] == ref_cb["events_done"] == len(EVENTS)
+    assert got_cb["initial_adapter_size"] == ref_cb["initial_adapter_size"]
+    for key in ("heads", "neurons"):
+        for x, y in zip(ref_cb["salience"][key], got_cb["salience"][key]):
+            assert torch.allclose(x, y, atol=TOL, rtol=0)
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def masks_in(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [v for k, v in tensors.items() if ".apt_masks." in k and ".kept_" not in k]
+
+
+# ================================================================================================ fixtures
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted BERT run, never saved."""
+    tr, pm, rec = train(bert_model, tmp_path_factory.mktemp("ref"), record_at=CASES.values())
+    return final_state(tr, pm), rec
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """An identical BERT run that saves at every case's step; returns its output_dir and its recorder."""
+    out = tmp_path_factory.mktemp("ckpt")
+    tr, pm, rec = train(bert_model, out, save_at=CASES.values(), record_at=CASES.values())
+    return out, rec, final_state(tr, pm)
+
+
+# ================================================================================================ BERT resume
+def test_saving_checkpoints_does_not_change_the_run(reference, checkpoints):
+    """Writing checkpoints mid-run (APT state, teacher) leaves the training trajectory untouched."""
+    assert_same_run(reference[0], checkpoints[2])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_is_exact(case, reference, checkpoints, tmp_path):
+    step = CASES[case]
+    ref_final, ref_rec = reference
+    out, ck_rec, _ = checkpoints
+    folder = out / f"checkpoint-{step}"
+    assert (folder / STATE_FILE).is_file() and (folder / DISTILL_STATE_FILE).is_file()
+    saved = checkpoint_tensors(folder)
+    masks = masks_in(saved)
+    kept_heads = [v for k, v in saved.items() if ".apt_masks.kept_heads_" in k]
+    saved_ranks = json.loads((folder / "adapter_config.json").read_text())["rank_pattern"]
+
+    # The checkpoint really is in the situation the case names.
+    fractional = any(bool(((m > 0) & (m < 1)).any()) for m in masks)
+    if case in ("decay_window", "window_in_distill"):
+        assert fractional, "checkpoint inside a mask-decay window should hold fractional masks"
+    else:
+        assert not fractional
+    events_done = torch.load(folder / STATE_FILE, weights_only=False)["events_done"]
+    assert events_done == sum(e <= step for e in EVENTS)
+    if step >= EVENTS[0]:
+        assert max(ck_rec.at[step]["ranks"].values()) > R, "ranks should have grown at the first event"
+        assert sum(len(k) for k in kept_heads) < 4 * 4, "heads should be physically removed at the first event"
+        assert any(v.shape[0] > R for k, v in saved.items() if ".apt_A" in k and "apt_transform" not in k)
+    else:
+        assert set(saved_ranks.values()) <= {R} and sum(len(k) for k in kept_heads) == 16
+
+    # The checkpointing run matched the reference at that step.
+    for key in ("heads", "neurons"):
+        for x, y in zip(ref_rec.at[step][key], ck_rec.at[step][key]):
+            assert torch.equal(x, y)
+    # rank_pattern (written on save) holds every adapter alive at the step; removed modules keep a stale entry
+    assert ref_rec.at[step]["ranks"] == ck_rec.at[step]["ranks"] == {k: saved_ranks[k] for k in ck_rec.at[step]["ranks"]}
+
+    tr, pm, rec = train(bert_model, tmp_path / "resumed", resume=str(folder))
+    # State right after the restart equals the saved state at that step.
+    begin, at = rec.begin, ck_rec.at[step]
+    assert begin["ranks"] == at["ranks"] and begin["params"] == at["params"]
+    for key in ("heads", "neurons"):
+        for x, y in zip(at[key], begin[key]):
+            assert torch.equal(x, y)
+    assert torch.equal(at["hidden"], begin["hidden"])
+    # Teacher snapshot restored exactly: equal to the file and to the live teacher of the checkpointing run.
+    teacher_file = torch.load(folder / DISTILL_STATE_FILE, weights_only=False)
+    assert begin["refreshes"] == at["refreshes"] == teacher_file["refreshes"]
+    assert_same_tensors(teacher_file["teacher"], begin["teacher"], "restored teacher vs file")
+    assert_same_tensors(at["teacher"], begin["teacher"], "restored teacher vs saved run")
+    if step >= DISTILL[0]:
+        assert begin["teacher"], "a run resumed during distillation must have its teacher back"
+
+    assert_same_run(ref_final, final_state(tr, pm))
+
+
+def test_resume_true_picks_last_checkpoint(reference, checkpoints, tmp_path):
+    """``resume_from_checkpoint=True`` resumes from the newest checkpoint in output_dir (APTTrainer)."""
+    out, _, _ = checkpoints
+    work = tmp_path / "run"
+    shutil.copytree(out / f"checkpoint-{CASES['after_event']}", work / f"checkpoint-{CASES['after_event']}")
+    tr, pm, rec = train(bert_model, work, resume=True)
+    assert rec.begin["ranks"] != {n: R for n in rec.begin["ranks"]}
+    assert_same_run(reference[0], final_state(tr, pm))
+
+
+# ================================================================================================ stock Trainer
+STOCK_STEP = 19  # inside the second mask-decay window, after the first event
+
+
+def stock_model():
+    return bert_model(distillation=False)
+
+
+@pytest.fixture(scope="module")
+def stock_checkpoint(tmp_path_factory):
+    """A stock-Trainer run that saved only ``checkpoint-19``, and the final state of that (uninterrupted) run."""
+    out = tmp_path_factory.mktemp("stock")
+    tr, pm, _ = train(stock_model, out, trainer_cls=Trainer, callbacks=[APTCallback()], save_at=[STOCK_STEP])
+    return out / f"checkpoint-{STOCK_STEP}", final_state(tr, pm)
+
+
+def test_stock_trainer_with_callback_resumes_exactly(stock_checkpoint, tmp_path):
+    """``transformers.Trainer`` + ``APTCallback()``: the callback finds ``checkpoint-<step>/apt_state.pt`` inside
+    output_dir by itself, and the resumed run matches an uninterrupted stock run."""
+    ref_tr, ref_pm, _ = train(stock_model, tmp_path / "ref", trainer_cls=Trainer, callbacks=[APTCallback()])
+    ref = final_state(ref_tr, ref_pm)
+    assert_same_run(ref, stock_checkpoint[1])  # saving did not change the run
+    out = tmp_path / "run"
+    shutil.copytree(stock_checkpoint[0], out / stock_checkpoint[0].name)
+    folder = out / f"checkpoint-{STOCK_STEP}"
+    assert (folder / STATE_FILE).is_file() and not (folder / DISTILL_STATE_FILE).exists()
+    assert any(bool(((m > 0) & (m < 1)).any()) for m in masks_in(checkpoint_tensors(folder)))
+    tr, pm, rec = train(stock_model, out, trainer_cls=Trainer, callbacks=[APTCallback()], resume=True)
+    assert max(rec.begin["ranks"].values()) > R  # restarted from the pruned, grown checkpoint
+    assert tr.state.global_step == MAX_STEPS
+    assert_same_run(ref, final_state(tr, pm))
+
+
+def test_stock_trainer_missing_apt_state(stock_checkpoint, tmp_path):
+    work = tmp_path / "run"
+    shutil.copytree(stock_checkpoint[0], work / stock_checkpoint[0].name)
+    os.remove(work / stock_checkpoint[0].name / STATE_FILE)
+    with pytest.raises(FileNotFoundError, match=STATE_FILE):
+        train(stock_model, work, trainer_cls=Trainer, callbacks=[APTCallback()], resume=True)
+
+
+# ================================================================================================ broken checkpoints
+def test_missing_apt_state_file_is_named(checkpoints, tmp_path):
+    out, _, _ = checkpoints
+    folder = tmp_path / "ckpt"
+    shutil.copytree(out / f"checkpoint-{CASES['distill']}", folder)
+    os.remove(folder / STATE_FILE)
+    with pytest.raises(FileNotFoundError, match=STATE_FILE):
+        train(bert_model, tmp_path / "resumed", resume=str(folder))
+
+
+def test_missing_teacher_file_during_distillation(checkpoints, tmp_path):
+    """A checkpoint taken while distilling but without apt_distill.pt must not resume with distillation silently
+    off (no teacher until the next refresh)."""
+    out, _, _ = checkpoints
+    folder = tmp_path / "ckpt"
+    shutil.copytree(out / f"checkpoint-{CASES['distill']}", folder)
+    os.remove(folder / DISTILL_STATE_FILE)
+    with pytest.raises(FileNotFoundError, match=DISTILL_STATE_FILE):
+        train(bert_model, tmp_path / "resumed", resume=str(folder))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(num_hidden_layers=3),
+    dict(num_hidden_layers=5),
+    dict(hidden_size=48),
+    dict(hidden_size=48, num_attention_heads=6),  # same head width, more heads
+    dict(intermediate_size=96),  # wider FFN: the kept-neuron record alone would fit
+    dict(intermediate_size=48),
+])
+@pytest.mark.parametrize("case", ["decay_window", "after_event"])
+def test_mismatched_base_model_is_refused(overrides, case, checkpoints, tmp_path):
+    """Resuming onto a base model of another shape raises ValueError before any step, instead of loading part of
+    the checkpoint (or silently pruning the new model to the recorded positions)."""
+    out, _, _ = checkpoints
+    folder = out / f"checkpoint-{CASES[case]}"
+    pm = bert_model(**overrides)
+    tr = apt_hf.APTTrainer(model=pm, args=make_args(tmp_path / "resumed"), train_dataset=TokenTask())
+    with pytest.raises(ValueError, match="base model|trained on|describes"):
+        tr.train(resume_from_checkpoint=str(folder))
+    assert tr.state.global_step == 0
+
+
+@pytest.mark.parametrize("overrides", [dict(intermediate_size=96), dict(num_hidden_layers=5)])
+def test_pruned_adapter_refuses_other_base_model(overrides, checkpoints):
+    """The same guard on ``PeftModel.from_pretrained``: a pruned adapter names the base sizes it was trained on."""
+    out, _, _ = checkpoints
+    torch.manual_seed(0)
+    fields = dict(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                  num_labels=2)
+    base = BertForSequenceClassification(BertConfig(**{**fields, **overrides}))
+    with pytest.raises(ValueError, match="base model"):
+        peft.PeftModel.from_pretrained(base, out / f"checkpoint-{CASES['distill']}")
+    same = peft.PeftModel.from_pretrained(BertForSequenceClassification(BertConfig(**fields)),
+                                          out / f"checkpoint-{CASES['distill']}")
+    assert apt_hf.count_params(same) < apt_hf.find_apt_model(same).n_params  # the matching base loads, pruned
+
+
+# ================================================================================================ LLaMA GQA
+def test_llama_gqa_resume_after_event(tmp_path):
+    """Case (b) on LLaMA with grouped-query attention: resume right after the second event."""
+    step = EVENTS[1]
+    ref_tr, ref_pm, _ = train(llama_model, tmp_path / "ref")
+    ref = final_state(ref_tr, ref_pm)
+    out = tmp_path / "run"
+    train(llama_model, out, save_at=[step])
+    folder = out / f"checkpoint-{step}"
+    saved = checkpoint_tensors(folder)
+    saved_ranks = json.loads((folder / "adapter_config.json").read_text())["rank_pattern"]
+    assert max(saved_ranks.values()) > R
+    kept = [v for k, v in saved.items() if ".apt_masks.kept_heads_" in k]
+    n_kept = sum(len(v) for k, v in saved.items() if ".apt_masks.kept_" in k)
+    assert n_kept < 3 * 8 + 3 * 80 + 64, "the event should have removed heads, neurons or hidden dimensions"
+    for k in kept:  # every surviving key/value group keeps the same number of query heads
+        groups = torch.bincount(k // 4, minlength=2)
+        assert len(set(groups[groups > 0].tolist())) <= 1
+    tr, pm, rec = train(llama_model, tmp_path / "resumed", resume=str(folder))
+    assert rec.begin["teacher"]
+    assert_same_run(ref, final_state(tr, pm))
