@@ -1,9 +1,11 @@
-"""Real APT pruning run: all-MiniLM-L6-v2 on an SST-2 subset, stock Trainer + APTCallback (issue: adaptive pruning).
+"""Real APT pruning run: all-MiniLM-L6-v2 on an SST-2 subset (stock Trainer + APTCallback, or APTTrainer).
 
-Records the training step time before the first pruning event and after the last one, the density reached and
-the event log, and writes them to benchmarks/results/prune_minilm_sst2.json.
+Records the training step time before the first pruning event and after the last one, the density reached, the
+event log and the peak resident memory (max RSS) of the process, and writes them as JSON.
 
-    python benchmarks/prune_minilm_sst2.py [--train_rows 4000 --max_steps 300]
+    python benchmarks/prune_minilm_sst2.py                                   # stock Trainer + APTCallback
+    python benchmarks/prune_minilm_sst2.py --trainer apt --out ...distill.json           # APTTrainer, distillation
+    python benchmarks/prune_minilm_sst2.py --trainer apt --no_distill --out ...json      # APTTrainer, w/o D_S
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -51,6 +54,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_length", type=int, default=64)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune_minilm_sst2.json"))
+    parser.add_argument("--trainer", choices=["callback", "apt"], default="callback",
+                        help="stock Trainer + APTCallback, or APTTrainer (adds self-distillation)")
+    parser.add_argument("--no_distill", action="store_true", help="APTTrainer without self-distillation (w/o D_S)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -65,13 +71,15 @@ def main() -> None:
     s = args.max_steps
     cfg = apt_hf.APTConfig(task_type="SEQ_CLS", target_sparsity=0.6, pruning_start=int(0.1 * s),
                            pruning_end=int(0.7 * s), sparsity_warmup=int(0.1 * s), num_pruning_events=10,
-                           mask_decay_window=max(1, int(0.03 * s)), mask_decay=0.1)
+                           mask_decay_window=max(1, int(0.03 * s)), mask_decay=0.1,
+                           distillation=not args.no_distill, distill_end=0.9)
     pm = peft.get_peft_model(model, cfg)
     timer, apt_cb = StepTimer(), apt_hf.APTCallback()
     targs = TrainingArguments(str(ROOT / "runs" / "prune_minilm_sst2"), per_device_train_batch_size=args.batch_size,
                               max_steps=s, learning_rate=2e-4, warmup_steps=0.06, weight_decay=0.1,
                               logging_steps=10, report_to=[], save_strategy="no", use_cpu=True, seed=0)
-    trainer = Trainer(model=pm, args=targs, train_dataset=train, callbacks=[apt_cb, timer])
+    trainer_cls = apt_hf.APTTrainer if args.trainer == "apt" else Trainer
+    trainer = trainer_cls(model=pm, args=targs, train_dataset=train, callbacks=[apt_cb, timer])
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -89,7 +97,8 @@ def main() -> None:
         "step_time_before_first_event_s": statistics.median(before),
         "step_time_after_last_event_s": statistics.median(after),
         "speedup_after_pruning": statistics.median(before) / statistics.median(after),
-        "wall_s": wall, "event_log": events, "device": "cpu (2 cores)", "torch": torch.__version__,
+        "wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainer": args.trainer, "distillation": args.trainer == "apt" and not args.no_distill, "event_log": events, "device": "cpu (2 cores)", "torch": torch.__version__,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -1,0 +1,165 @@
+"""APT against full fine-tuning, LoRA and LoRA+Prune (plus APT ablations) on real GLUE data, on this CPU.
+
+Every method runs through the same script, ``examples/run_glue.py`` (same data pipeline, evaluation and export),
+in its own process so that peak memory (max RSS) is per method. The runner then computes, per method: best and
+final dev metric, the metric relative to FT, wall time, time to reach 97 % of FT's best dev metric (training
+wall-clock, evaluation time excluded), peak RSS, kept parameters and the exported model's inference throughput
+against the dense model (batch 32 x 128 tokens and batch 1, same process, medians). Outputs go to
+``benchmarks/results/``: ``glue_<task>.json``, ``glue_<task>.csv`` and two PNG plots.
+
+    python benchmarks/glue_benchmark.py                       # SST-2, the committed configuration
+    python benchmarks/glue_benchmark.py --task mrpc --train_rows 3668 --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+# method name -> run_glue.py flags
+METHODS: dict[str, list[str]] = {
+    "ft": ["--method", "ft"],
+    "lora": ["--method", "lora"],
+    "lora_prune": ["--method", "lora_prune"],
+    "apt": ["--method", "apt", "--distillation", "True"],
+    "apt_wo_AP": ["--method", "apt", "--adaptive_pruning", "False", "--distillation", "False"],
+    "apt_wo_AT": ["--method", "apt", "--adaptive_tuning", "False"],
+    "apt_wo_DS": ["--method", "apt", "--distillation", "False"],
+}
+
+
+def run_method(name: str, args: argparse.Namespace, out: Path) -> dict:
+    lr = args.ft_lr if name == "ft" else args.adapter_lr
+    cmd = [sys.executable, str(ROOT / "examples" / "run_glue.py"), *METHODS[name],
+           "--task_name", args.task, "--glue_dir", args.glue_dir, "--max_train_samples", str(args.train_rows),
+           "--max_seq_length", str(args.max_length), "--per_device_train_batch_size", str(args.batch_size),
+           "--per_device_eval_batch_size", "64", "--num_train_epochs", str(args.epochs), "--learning_rate", str(lr),
+           "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps), "--logging_steps", "10",
+           "--save_strategy", "no", "--report_to", "none", "--seed", str(args.seed), "--disable_tqdm", "True",
+           "--target_sparsity", str(args.target_sparsity), "--output_dir", str(out / name),
+           "--export_dir", str(out / name / "export"), "--overwrite_export", "True",
+           "--speed_repeats", str(args.speed_repeats), "--speed_batch_size", "32", "--speed_seq_length", "128"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {out / f'{name}.log'}")
+    summary = json.loads((out / name / "summary.json").read_text())
+    summary["process_wall_s"] = time.perf_counter() - start
+    return summary
+
+
+def time_to(history: list[dict], threshold: float) -> float | None:
+    """Training wall-clock at the first evaluation whose metric reaches ``threshold``."""
+    return next((h["train_time_s"] for h in history if h["metric"] >= threshold), None)
+
+
+def pruned_history(name: str, run: dict) -> list[dict]:
+    """Evaluations of the model a method delivers: LoRA+Prune's model exists only after its final pruning step."""
+    return run["eval_history"][-1:] if name == "lora_prune" else run["eval_history"]
+
+
+def plot(results: dict, path_curves: Path, path_apt: Path, metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        h = pruned_history(name, r)
+        ax.plot([p["train_time_s"] for p in h], [p["metric"] for p in h], marker="o", ms=3, label=name)
+    ft_best = max(h["metric"] for h in results["ft"]["eval_history"])
+    ax.axhline(0.97 * ft_best, color="grey", ls="--", lw=1, label="97% of FT best")
+    ax.set_xlabel("training wall-clock (s, evaluation excluded)")
+    ax.set_ylabel(f"dev {metric}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path_curves, dpi=120)
+    logs = [h for h in results["apt"]["log_history"] if "apt/density" in h and "loss" in h]
+    fig, ax1 = plt.subplots(figsize=(7, 4))
+    ax1.plot([h["step"] for h in logs], [h["apt/density"] for h in logs], color="C0", label="kept density")
+    ax1.plot([h["step"] for h in logs], [h["apt/target_density"] for h in logs], color="C0", ls=":",
+             label="next target")
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("density (kept / original params)")
+    ax2 = ax1.twinx()
+    ax2.plot([h["step"] for h in logs], [h["apt/mean_rank"] for h in logs], color="C3", label="mean adapter rank")
+    ax2.set_ylabel("mean adapter rank")
+    fig.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path_apt, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--glue_dir", default=str(ROOT.parent / "shared" / "data" / "glue"))
+    p.add_argument("--train_rows", type=int, default=6000)
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_length", type=int, default=64)
+    p.add_argument("--eval_steps", type=int, default=50)
+    p.add_argument("--ft_lr", type=float, default=5e-5)
+    p.add_argument("--adapter_lr", type=float, default=5e-4)
+    p.add_argument("--target_sparsity", type=float, default=0.6)
+    p.add_argument("--speed_repeats", type=int, default=10)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--out", default=str(ROOT / "runs" / "benchmark"))
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    for name in args.methods.split(","):
+        print(f"== {name}", flush=True)
+        results[name] = run_method(name, args, out)
+        print(json.dumps({k: results[name].get(k) for k in ("metric_value", "best_metric", "density", "speedup",
+                                                             "train_time_s", "peak_rss_mb")}), flush=True)
+        write_results(results, args)
+
+
+def write_results(results: dict[str, dict], args: argparse.Namespace) -> None:
+    """Write the JSON/CSV table (and the plots once FT and APT are in); called after every method."""
+    ft_best = results["ft"]["best_metric"] if "ft" in results else None
+    rows = []
+    for name, r in results.items():
+        history = pruned_history(name, r)
+        rows.append({
+            "method": name, "best_metric": max(h["metric"] for h in history), "final_metric": r["metric_value"],
+            "best_vs_ft": max(h["metric"] for h in history) / ft_best if ft_best else None,
+            "train_time_s": r["train_time_s"],
+            "time_to_97pct_ft_s": time_to(history, 0.97 * ft_best) if ft_best else None,
+            "peak_rss_mb": r["peak_rss_mb"], "kept_params": r["kept_params"], "density": r["density"],
+            "throughput_b32_vs_dense": r.get("speedup"), "throughput_b1_vs_dense": r.get("speedup_b1"),
+        })
+    meta = {"task": args.task, "command": " ".join(["python benchmarks/glue_benchmark.py", *sys.argv[1:]]),
+            "args": vars(args), "device": "CPU, 2 cores (shared machine)",
+            "metric": next(iter(results.values()))["metric"]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"glue_{args.task}"
+    slim = {n: {k: v for k, v in r.items() if k != "eval_metrics"} for n, r in results.items()}
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "table": rows, "runs": slim}, indent=2))
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    if "ft" in results and "apt" in results:
+        plot(results, RESULTS / f"glue_{args.task}_curves.png", RESULTS / f"glue_{args.task}_apt_schedule.png",
+             meta["metric"])
+    print(json.dumps(rows, indent=2), flush=True)
+
+
+if __name__ == "__main__":
+    main()
