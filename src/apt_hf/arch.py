@@ -149,13 +149,13 @@ def _find_readers(model: nn.Module, family: str) -> list[nn.Module]:
 
 
 def _hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel / APTModel, or the model itself."""
-    while hasattr(model, "base_model") and hasattr(model.base_model, "model") and not hasattr(model, "config"):
-        model = model.base_model.model
+    """The transformers model inside a PeftModel / PEFT tuner, or the model itself."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if isinstance(model, BaseTuner):
+        return model.model
     inner = getattr(model, "base_model", None)
-    if inner is not None and hasattr(inner, "model") and hasattr(inner, "peft_config"):
-        return inner.model
-    return model
+    return inner.model if isinstance(inner, BaseTuner) else model
 
 
 def describe(model: nn.Module) -> Layout:

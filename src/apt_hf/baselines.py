@@ -465,7 +465,6 @@ def tune_site_masks(apt: APTModel, batches: list[dict], kind: str, i: int, teach
     if k == 0:
         return False
     w = _effective_weight(proj)  # [d, in]
-    bias = base_linear(proj).bias
     hm = masks.hidden.detach().float().to(w.device)
     hm = None if bool((hm == 1).all()) else hm
     if kind == "a":

@@ -16,10 +16,9 @@ import transformers
 from torch import nn
 
 from .arch import describe
-from .masks import sizes_of
+from .masks import APTMasks, sizes_of
 from .model import find_apt_model
 from .prune import apply_structure
-from .masks import APTMasks
 from .t5 import kept_heads as t5_kept_heads
 
 STRUCTURE_FILE = "apt_structure.json"

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
 from . import distributed
 from .arch import Layout, base_linear
