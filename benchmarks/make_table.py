@@ -26,9 +26,13 @@ def glue_table(path: Path) -> str:
         lines.append(f"| {r['method']} | {fmt(r['best_metric'], '.4f')} | {fmt(r['final_metric'], '.4f')} | "
                      f"{fmt(r['best_vs_ft'], '.3f')} | {fmt(r['train_time_s'], '.0f')} | "
                      f"{fmt(r['time_to_97pct_ft_s'], '.0f', 'not reached')} | {fmt(r['peak_rss_mb'], '.0f')} | "
-                     f"{fmt(r['density'], '.3f')} | {fmt(r['throughput_b32_vs_dense'], '.2f')}x | "
-                     f"{fmt(r['throughput_b1_vs_dense'], '.2f')}x |")
-    return "\n".join(lines).replace("| –x |", "| – |")
+                     f"{fmt(r['density'], '.3f')} | {speed(r['throughput_b32_vs_dense'])} | "
+                     f"{speed(r['throughput_b1_vs_dense'])} |")
+    return "\n".join(lines)
+
+
+def speed(value) -> str:
+    return "–" if value is None else f"{value:.2f}x"
 
 
 def prune_table(path: Path) -> str:
