@@ -6,7 +6,7 @@ set -euo pipefail
 python examples/run_glue.py \
   --task_name sst2 --glue_dir ../shared/data/glue \
   --max_train_samples 3000 --max_eval_samples 872 --max_seq_length 64 \
-  --per_device_train_batch_size 32 --num_train_epochs 2 --learning_rate 2e-4 \
+  --per_device_train_batch_size 32 --num_train_epochs 2 \
   --eval_strategy epoch --logging_steps 20 --save_strategy no --report_to none \
   --method apt --target_sparsity 0.6 --distillation False \
   --output_dir runs/demo_sst2 --export_dir runs/demo_sst2/pruned "$@"
