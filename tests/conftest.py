@@ -147,3 +147,13 @@ def tiny_inputs():
 @pytest.fixture
 def adapter_randomizer():
     return randomize_adapters
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one intra-op thread avoids OpenMP oversubscription on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    yield
+    torch.set_num_threads(before)

@@ -39,15 +39,6 @@ SCHEDULE = dict(pruning_start=5, pruning_end=40, sparsity_warmup=5, num_pruning_
 EVENTS = (13, 22, 31, 40)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    transformers.logging.set_verbosity_error()
-    yield
-    torch.set_num_threads(before)
-
-
 # ================================================================================================ helpers
 class TokenTask(torch.utils.data.Dataset):
     """Sequence classification: label 1 iff the first token id is above 50 (learnable from one position)."""

@@ -35,15 +35,6 @@ DISTILL_START, DISTILL_END = 10, 32  # the step after the first event with targe
 T = 2.0 / 3.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    transformers.logging.set_verbosity_error()
-    yield
-    torch.set_num_threads(before)
-
-
 # ================================================================================================ helpers
 class TokenData(torch.utils.data.Dataset):
     """``cls``: label = first token > 50; ``lm``: labels = input_ids; ``s2s``: decoder targets = reversed input."""

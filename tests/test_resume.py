@@ -47,15 +47,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is fastest on a shared 2-core machine
-    transformers.logging.set_verbosity_error()
-    yield
-    torch.set_num_threads(before)
-
-
 # ================================================================================================ helpers
 class TokenTask(torch.utils.data.Dataset):
     """Sequence classification (label = first token > 50) or causal LM (labels = inputs) on random tokens."""

@@ -35,15 +35,6 @@ SCENARIOS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread avoids OpenMP oversubscription on a busy machine (ms -> us per op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(ffn: str, attn: str) -> transformers.T5ForConditionalGeneration:
     config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, num_heads=H, d_ff=64, num_layers=2,
                                    num_decoder_layers=2, feed_forward_proj=ffn, dropout_rate=0.0,
