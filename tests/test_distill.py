@@ -526,6 +526,77 @@ def test_training_phases(kind, tmp_path):
     assert math.isfinite(tr.state.log_history[-1]["train_loss"])
 
 
+class StructureRecorder(TrainerCallback):
+    """After each step (added after the APT callbacks): the teacher's logits on a fixed batch, the physical and the
+    kept (mask > 0) head/neuron counts, the masks, and the number of teacher refreshes so far."""
+
+    def __init__(self, trainer, batch: dict) -> None:
+        self.trainer, self.batch, self.at = trainer, batch, {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        apt, distiller = apt_hf.find_apt_model(model), self.trainer.distiller
+        masks = apt.masks
+        teacher = None
+        if distiller.teacher.ready:
+            was = model.training
+            model.eval()
+            with torch.no_grad(), distiller.teacher.active(masks):
+                teacher = model(**self.batch).logits.clone()
+            model.train(was)
+        self.at[state.global_step] = SimpleNamespace(
+            teacher=teacher, refreshes=distiller.teacher.refreshes,
+            physical=(sum(s.num_heads for s in apt.layout.attentions), sum(f.num_neurons for f in apt.layout.ffns)),
+            kept=(sum(int((m > 0).sum()) for m in masks.heads), sum(int((m > 0).sum()) for m in masks.neurons)),
+            masks=[m.clone() for m in [*masks.heads, *masks.neurons]], held=apt_callback(self.trainer).held)
+        return control
+
+
+def apt_callback(trainer):
+    return trainer.apt_callback
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama_gqa"])
+def test_teacher_keeps_its_structure_until_refresh(kind, tmp_path):
+    """Spec D.4.2 / D.5: while distilling, blocks pruned at an event stay physically present (zero-masked) so the
+    mask-bypassing teacher keeps exactly the model it was snapshotted from; they are removed at the next teacher
+    refresh and at the end of distillation, and never selected again in between."""
+    factory, task, data, _ = RUNS[kind]
+    pm = peft.get_peft_model(factory(), apt_hf.APTConfig(task_type=task, **SCHEDULE, distill_end=DISTILL_END))
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=8, max_steps=MAX_STEPS, learning_rate=LR,
+                             logging_steps=5, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                             seed=0)
+    ds = TokenData(data)
+    tr = apt_hf.APTTrainer(model=pm, args=args, train_dataset=ds)  # no eval data: refresh at every window start
+    batch = {k: torch.stack([ds[i][k] for i in range(4)]) for k in ("input_ids", "attention_mask")}
+    rec = StructureRecorder(tr, batch)
+    tr.add_callback(rec)
+    tr.train()
+    at = rec.at
+    assert [s for s in range(2, MAX_STEPS + 1) if at[s].refreshes > at[s - 1].refreshes] == list(WINDOWS)
+
+    for step in range(DISTILL_START - 1, DISTILL_END):
+        now, before = at[step], at[step - 1]
+        if step in EVENTS:  # pruned in the masks (they may reach 0 inside the window already), held physically
+            pre = at[WINDOWS[EVENTS.index(step)] - 1]
+            assert now.kept[0] + now.kept[1] < pre.kept[0] + pre.kept[1], step
+            assert now.physical == before.physical and now.held is not None, step
+        if step in WINDOWS:  # refresh: held blocks removed first, then the new snapshot
+            assert now.held is None and now.physical[0] < before.physical[0] + (kind == "llama_gqa") * 99
+            assert now.physical[1] == now.kept[1], step
+        elif before.teacher is not None:  # no refresh: the teacher computes exactly what it computed before
+            torch.testing.assert_close(now.teacher, before.teacher, rtol=0, atol=1e-5, msg=f"step {step}")
+        if now.physical == before.physical and before.held is not None:  # held blocks never come back
+            for m_now, m_before in zip(now.masks, before.masks):
+                assert not bool(((m_before == 0) & (m_now != 0)).any()), step
+    # distillation ends with nothing held: the physical model is exactly the kept structure
+    end = at[DISTILL_END]
+    assert at[DISTILL_END - 1].held is not None and end.held is None
+    assert end.physical[1] == end.kept[1]
+    if kind == "bert":
+        assert end.physical[0] == end.kept[0]
+    assert density(pm) <= 0.41
+
+
 def test_mu_is_averaged_over_the_logging_window(tmp_path):
     tr, _, _ = train("bert", tmp_path, logging_steps=5)
     logs = train_logs(tr)

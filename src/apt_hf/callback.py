@@ -6,6 +6,11 @@ only at ``on_step_end``. In the ``mask_decay_window`` steps before each pruning 
 ``mask_decay`` toward the salience-density search result; at the event they are set to exactly 0/1, the pruned
 structure is removed physically, the top adapters grow, and the optimizer is updated in place.
 
+While self-distillation runs (``APTTrainer``), physical removal is held back (spec D.4.2, D.5): the student keeps
+zero masks, the teacher (which bypasses masks) keeps the structure it was validated with, and the held blocks are
+removed when the teacher is refreshed or distillation ends (:meth:`APTCallback.remove_pruned`). Held blocks cannot
+be selected again, so the outcome is the same as removing them at the event.
+
 Under DistributedDataParallel (with :class:`~apt_hf.APTTrainer` only) salience and adapter importance are averaged
 over processes, masks and grown adapter rows are broadcast from rank 0, and the DDP wrapper is rebuilt after each
 event (see :mod:`apt_hf.distributed`); FSDP, DeepSpeed and other setups are refused at train start.
@@ -96,6 +101,9 @@ class APTCallback(TrainerCallback):
         self._pending: dict[str, float] = {}
         self._restored: Optional[dict] = None
         self.change_listeners: list = []  # called with the ParamChange list of every event (e.g. the teacher)
+        # Set by APTTrainer's distillation: whether physical removal at the event of a given step is held back.
+        self.hold_removal: Callable[[int], bool] = lambda step: False
+        self.held: Optional[tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = None  # alive blocks
         # Set by APTTrainer: rebuilds the DDP wrapper after parameters were replaced (``dry_run=True`` only checks
         # that it can). Without it, multi-process training is refused (a callback cannot reach the wrapper).
         self.rebuild_wrapper: Optional[Callable[..., None]] = None
@@ -180,13 +188,23 @@ class APTCallback(TrainerCallback):
         head_cost, neuron_cost = cm.block_costs(int((masks.hidden > 0).sum()))
         hidden_cost = cm.hidden_cost([m > 0 for m in masks.heads], [m > 0 for m in masks.neurons])
         budget = target * apt.n_params
-        keep_h, keep_n, keep_d = search_kept(col.ema_heads, col.ema_neurons, col.ema_hidden, cm.count,
+        s_heads, s_neurons, s_hidden = col.ema_heads, col.ema_neurons, col.ema_hidden
+        if self.held is not None:  # blocks pruned at an earlier event but not yet removed score 0 and stay out
+            alive_h, alive_n, alive_d = self.held
+            s_heads = [e * a for e, a in zip(s_heads, alive_h)]
+            s_neurons = [e * a for e, a in zip(s_neurons, alive_n)]
+            s_hidden = s_hidden * alive_d
+        keep_h, keep_n, keep_d = search_kept(s_heads, s_neurons, s_hidden, cm.count,
                                              head_cost, neuron_cost, hidden_cost, budget,
                                              head_groups=[s.group_size for s in layout.attentions])
         if hard:
-            densities = ([s / c for s, c in zip(col.ema_heads, head_cost)],
-                         [s / c for s, c in zip(col.ema_neurons, neuron_cost)], col.ema_hidden / hidden_cost)
+            densities = ([s / c for s, c in zip(s_heads, head_cost)],
+                         [s / c for s, c in zip(s_neurons, neuron_cost)], s_hidden / hidden_cost)
             keep_h, keep_n, keep_d = fill_budget(cm, (keep_h, keep_n, keep_d), densities, budget)
+        if self.held is not None:
+            keep_h = [k & a for k, a in zip(keep_h, alive_h)]
+            keep_n = [k & a for k, a in zip(keep_n, alive_n)]
+            keep_d = keep_d & alive_d
         with torch.no_grad():
             for i, keep in enumerate(keep_h):
                 masks.heads[i] = mask_step(masks.heads[i], keep.to(masks.heads[i].device), self.config.mask_decay, hard)
@@ -198,20 +216,56 @@ class APTCallback(TrainerCallback):
         # masks are made authoritative anyway (no-op in one process).
         distributed.broadcast_([*masks.heads, *masks.neurons, masks.hidden])
 
+    def _remove_masked(self) -> list:
+        """Physically remove every block whose mask is 0 and drop its salience entries (spec K.4)."""
+        apt = self.apt
+        heads, neurons, hidden = kept_after(apt.masks, apt.layout)
+        heads = [None if len(h) == m.numel() else h for h, m in zip(heads, apt.masks.heads)]
+        neurons = [None if len(n) == m.numel() else n for n, m in zip(neurons, apt.masks.neurons)]
+        hidden = None if len(hidden) == apt.masks.hidden.numel() else hidden
+        changes = apt.apply_structure(heads, neurons, hidden)
+        self.collector.reindex(heads, neurons, hidden)
+        self.held = None
+        return changes
+
+    def remove_pruned(self, optimizer) -> bool:
+        """Remove the blocks held back during distillation (no-op if none); returns whether shapes changed.
+
+        Called by the distillation callback right before a teacher refresh and when distillation ends (spec D.5)."""
+        if self.held is None:
+            return False
+        before = list(self.apt.parameters())
+        changes = self._remove_masked()
+        self._commit(optimizer, before, changes)
+        stats = self.stats()
+        self._pending.update(stats)
+        logger.warning("APT: held-back blocks removed physically: %d params, heads %d, neurons %d, hidden %d.",
+                       stats["apt/params"], stats["apt/heads"], stats["apt/neurons"], stats["apt/hidden"])
+        return bool(changes)
+
+    def _commit(self, optimizer, before: list, changes: list) -> None:
+        """Optimizer surgery, DDP re-wrap and listeners after parameters were replaced or removed (spec K.6)."""
+        apply_param_changes(optimizer, changes)
+        alive = {id(p) for p in self.apt.parameters()}  # modules removed whole (an attention with no head left)
+        drop_params(optimizer, [p for p in before + [c.new for c in changes] if id(p) not in alive])
+        if changes and self.rebuild_wrapper is not None:
+            self.rebuild_wrapper()
+        for listener in self.change_listeners:
+            listener(changes)
+        if changes and self.collector._handles:
+            self.collector.attach(self.apt.layout)
+
     def _event(self, k: int, target: float, optimizer, prune_now: bool) -> None:
         apt, cfg = self.apt, self.config
         before = list(apt.parameters())
         changes = []
         if prune_now:
             self._move_masks(target, hard=True)
-            heads, neurons, hidden = kept_after(apt.masks, apt.layout)
-            full = ([len(h) == m.numel() for h, m in zip(heads, apt.masks.heads)],
-                    [len(n) == m.numel() for n, m in zip(neurons, apt.masks.neurons)])
-            heads = [None if f else h for h, f in zip(heads, full[0])]
-            neurons = [None if f else n for n, f in zip(neurons, full[1])]
-            hidden = None if len(hidden) == apt.masks.hidden.numel() else hidden
-            changes += apt.apply_structure(heads, neurons, hidden)
-            self.collector.reindex(heads, neurons, hidden)
+            if self.hold_removal(self.plan.events[k]):
+                m = apt.masks
+                self.held = ([(h > 0).cpu() for h in m.heads], [(n > 0).cpu() for n in m.neurons], (m.hidden > 0).cpu())
+            else:
+                changes += self._remove_masked()
         if cfg.adaptive_tuning:
             layers = apt.apt_layers()
             budget = adapter_budget(self.plan.events[k], start=self.plan.start, end=self.plan.end,
@@ -223,16 +277,8 @@ class APTCallback(TrainerCallback):
             distributed.broadcast_([c.new.data for c in grown])  # new rows of A are random: use rank 0's
             changes += grown
             self.importance.reset()
-        apply_param_changes(optimizer, changes)
-        alive = {id(p) for p in apt.parameters()}  # modules removed whole (an attention with no head left)
-        drop_params(optimizer, [p for p in before + [c.new for c in changes] if id(p) not in alive])
-        if changes and self.rebuild_wrapper is not None:
-            self.rebuild_wrapper()
-        for listener in self.change_listeners:
-            listener(changes)
+        self._commit(optimizer, before, changes)
         self.events_done = k + 1
-        if self.collector._handles:
-            self.collector.attach(apt.layout)
         stats = self.stats()
         self._pending.update(stats, **{"apt/event": k + 1})
         logger.warning("APT event %d/%d at step %d: target density %.4f, kept %.4f (%d params), heads %d, neurons %d, "
@@ -284,6 +330,7 @@ class APTCallback(TrainerCallback):
             "importance": dict(self.importance.scores) if self.importance else {},
             "initial_adapter_size": self.initial_adapter_size,
             "salience_skipped": self.salience_skipped,
+            "held": self.held,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -293,6 +340,7 @@ class APTCallback(TrainerCallback):
         self.importance.scores = dict(state.get("importance", {}))
         self.initial_adapter_size = state["initial_adapter_size"]
         self.salience_skipped = state.get("salience_skipped", 0)
+        self.held = state.get("held")
 
     def restore_from(self, checkpoint_dir: str) -> None:
         """Use the APT state saved in ``checkpoint_dir`` when training (re)starts (called by ``APTTrainer.train``)."""

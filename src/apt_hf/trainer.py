@@ -76,6 +76,10 @@ class DistillCallback(TrainerCallback):
                            "window whose target is < 1 (the latest model), instead of only when the dev metric improves.")
         if self.teacher.follow not in self.apt_callback.change_listeners:
             self.apt_callback.change_listeners.append(self.teacher.follow)
+        # Spec D.4.2 / D.5: while distilling, pruned blocks stay physically present (zero-masked in the student, seen
+        # by the mask-bypassing teacher) until the next teacher refresh or the end of distillation, so the teacher
+        # keeps the structure its adapter snapshot was trained and validated with.
+        self.apt_callback.hold_removal = lambda step: self.enabled and self.start - 1 <= step < self.end
         if self.resume_dir is not None:
             path = os.path.join(self.resume_dir, DISTILL_STATE_FILE)
             if os.path.exists(path):
@@ -106,7 +110,8 @@ class DistillCallback(TrainerCallback):
     def active(self, step: int) -> bool:
         return self.enabled and self.teacher.ready and self.start <= step < self.end
 
-    def _refresh(self, model) -> None:
+    def _refresh(self, model, optimizer) -> None:
+        self.apt_callback.remove_pruned(optimizer)  # the new teacher is the pruned student (spec F.1)
         self.teacher.refresh([p for p in model.parameters() if p.requires_grad])
         logger.warning("APT distillation: teacher refreshed (#%d).", self.teacher.refreshes)
 
@@ -118,8 +123,9 @@ class DistillCallback(TrainerCallback):
             if self._has_eval:
                 control.should_evaluate, self._awaiting_eval = True, True
             else:
-                self._refresh(model)
+                self._refresh(model, optimizer)
         if step == self.end:
+            self.apt_callback.remove_pruned(optimizer)
             ratio = self.apt_callback.config.post_distill_lr_ratio
             for group in _unwrap(optimizer, "optimizer").param_groups:
                 group["lr"] *= ratio
@@ -144,7 +150,12 @@ class DistillCallback(TrainerCallback):
         greater = args.greater_is_better if args.greater_is_better is not None else not name.endswith("loss")
         if self.best is None or (value > self.best if greater else value < self.best):
             self.best = value
-            self._refresh(model)
+            self._refresh(model, kwargs.get("optimizer"))
+        return control
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.enabled:  # a run stopped before distill_end still ends with the pruned blocks removed
+            self.apt_callback.remove_pruned(optimizer)
         return control
 
 
