@@ -706,3 +706,31 @@ def test_without_adaptive_pruning_density_stays(tmp_path):
     assert apt_cb.events_done == len(EVENTS)
     logged = [h["apt/target_density"] for h in tr.state.log_history if "apt/target_density" in h]
     assert logged and all(v == 1.0 for v in logged)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama_gqa"])
+def test_live_widths_count_only_kept_units(kind):
+    """Adapter widths for rank growth (spec E.3.1) leave zero-masked blocks out, so they equal the physical widths
+    after removal whether removal happens at the event or is held back (distillation)."""
+    from conftest import random_masks
+
+    targets = {"bert": ["query", "key", "value", "dense"], "llama_gqa": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                          "up_proj", "gate_proj", "down_proj"]}[kind]
+    pm = peft.get_peft_model(make_model(kind), apt_hf.APTConfig(target_modules=targets))
+    apt = apt_hf.find_apt_model(pm)
+    layers = apt.apt_layers()
+    full = tuning.live_widths(layers, apt.layout, apt.masks)
+    assert full == {n: l.in_features + l.out_features for n, l in layers.items()}
+    random_masks(pm, seed=3, no_heads_layer=None)
+    masks = apt.masks
+    if kind == "llama_gqa":  # keep the same number of heads in every surviving group, as the search does
+        for i, m in enumerate(masks.heads):
+            g = m.view(-1, apt.layout.attentions[i].group_size)
+            g[:] = 0.0
+            g[0, :1] = g[-1, :1] = 1.0
+    held = tuning.live_widths(layers, apt.layout, masks)
+    assert sum(held.values()) < sum(full.values())
+    apt.prune_to_masks()
+    layers = apt.apt_layers()
+    assert held == {n: l.in_features + l.out_features for n, l in layers.items()}
+    assert tuning.live_widths(layers, apt.layout, apt.masks) == held

@@ -34,7 +34,7 @@ from .prune import kept_after
 from .salience import ImportanceTracker, SalienceCollector
 from .schedule import adapter_budget, decay_window_start, mask_step, pruning_event_steps, target_density
 from .search import fill_budget, search_kept
-from .tuning import adapter_size, grow_ranks, plan_rank_growth
+from .tuning import adapter_size, grow_ranks, live_widths, plan_rank_growth
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "apt_state.pt"
@@ -270,7 +270,8 @@ class APTCallback(TrainerCallback):
             layers = apt.apt_layers()
             budget = adapter_budget(self.plan.events[k], start=self.plan.start, end=self.plan.end,
                                     initial=self.initial_adapter_size, ratio=cfg.tuning_budget_ratio)
-            sizes = {n: (l.in_features + l.out_features, l.r[self.adapter_name]) for n, l in layers.items()}
+            widths = live_widths(layers, apt.layout, apt.masks)
+            sizes = {n: (widths[n], l.r[self.adapter_name]) for n, l in layers.items()}
             importance = distributed.mean_dict_over_ranks(self.importance.importance(), list(layers))
             plan = plan_rank_growth(sizes, importance, budget, cfg.max_rank)
             grown = grow_ranks(layers, plan, self.adapter_name)
@@ -301,7 +302,7 @@ class APTCallback(TrainerCallback):
             "apt/heads": summary["kept_heads"],
             "apt/neurons": summary["kept_neurons"],
             "apt/hidden": summary["kept_hidden"],
-            "apt/adapter_params": adapter_size(layers, self.adapter_name),
+            "apt/adapter_params": adapter_size(layers, self.adapter_name, live_widths(layers, apt.layout, apt.masks)),
             "apt/mean_rank": sum(ranks) / max(1, len(ranks)),
             "apt/salience_skipped": self.salience_skipped,
         }

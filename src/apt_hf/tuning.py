@@ -3,13 +3,46 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
+from .arch import Layout
 from .layer import APTLinear, ParamChange
+from .masks import APTMasks
 
 
-def adapter_size(layers: dict[str, APTLinear], adapter_name: str = "default") -> int:
-    """``sum (in + out) * r`` over adapters (spec E.3.1)."""
-    return sum((l.in_features + l.out_features) * l.r[adapter_name] for l in layers.values())
+def live_widths(layers: dict[str, APTLinear], layout: Layout, masks: APTMasks) -> dict[str, int]:
+    """``in + out`` of each adapter counting only kept (mask > 0) heads, neurons and hidden dimensions.
+
+    Once pruned blocks are removed physically this is ``in_features + out_features`` (spec E.3.1); while removal is
+    held back during distillation it leaves the held blocks out, so rank growth does not depend on when blocks are
+    removed. Adapters outside the attention/FFN sites keep their physical widths.
+    """
+    hidden = int((masks.hidden > 0).sum())
+    units: dict[int, tuple[int, int]] = {}
+    for i, site in enumerate(layout.attentions):
+        alive = masks.heads[i] > 0
+        q_width = int(alive.sum()) * site.head_dim
+        groups = alive.view(-1, site.group_size).any(1) if alive.numel() else alive
+        kv_width = int(groups.sum()) * site.head_dim
+        for module, width in ((site.q, (hidden, q_width)), (site.k, (hidden, kv_width)), (site.v, (hidden, kv_width)),
+                              (site.o, (q_width, hidden))):
+            if module is not None:
+                units[id(module)] = width
+    for j, site in enumerate(layout.ffns):
+        n = int((masks.neurons[j] > 0).sum())
+        for module, width in ((site.up, (hidden, n)), (site.gate, (hidden, n)), (site.down, (n, hidden))):
+            if module is not None:
+                units[id(module)] = width
+    for module in layout.readers:
+        units[id(module)] = (hidden, module.out_features)
+    return {name: sum(units.get(id(l), (l.in_features, l.out_features))) for name, l in layers.items()}
+
+
+def adapter_size(layers: dict[str, APTLinear], adapter_name: str = "default",
+                 widths: Optional[dict[str, int]] = None) -> int:
+    """``sum (in + out) * r`` over adapters (spec E.3.1), with ``widths[name] = in + out`` when given."""
+    return sum((widths[n] if widths is not None else l.in_features + l.out_features) * l.r[adapter_name]
+               for n, l in layers.items())
 
 
 def plan_rank_growth(sizes: dict[str, tuple[int, int]], importance: dict[str, float], budget: int,
