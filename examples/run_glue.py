@@ -24,11 +24,11 @@ task loss. ``APTConfig``'s own defaults follow the paper's 40-epoch schedule. Wi
 masks move during ``min(200, gap // 2)`` steps before each event, where ``gap`` is the number of steps between
 two events.
 
-Self-distillation (on by default, as in ``APTConfig``: from the first event to ``--distill_end``, then fine-tuning
-at a lower learning rate) has a known problem in short runs: apt_hf removes pruned structure physically at every
-event, and the teacher shares that backbone, so after each event the teacher has lost structure its adapter
-snapshot was trained with. In our short CPU trials of the command above it ended at chance accuracy in 3 of 4 runs,
-while ``--distillation False`` reached 77 % twice. Until this is fixed, pass ``--distillation False`` for short runs.
+Self-distillation is on by default, as in ``APTConfig``: from the first event to ``--distill_end`` the loss is
+``mu L_distill + (1 - mu) L_task`` against a frozen snapshot of the model's own adapters, then the pruned model is
+fine-tuned with the task loss at ``--post_distill_lr_ratio`` x the learning rate. While distilling, pruned blocks
+are only zero-masked and are removed physically at the next teacher refresh and at ``--distill_end``, so the teacher
+keeps the structure it was snapshotted with. ``--distillation False`` is the paper's "w/o D_S" ablation.
 
 Without ``--learning_rate``, APT and LoRA use 5e-4 (adapters and the task head) and full fine-tuning 5e-5.
 """
@@ -169,11 +169,13 @@ class APTArguments:
     adaptive_tuning: bool = field(default=True, metadata={"help": "Grow adapter ranks (False: fixed ranks)."})
     max_rank: int = field(default=64, metadata={"help": "Rank cap of any adapter."})
     tuning_budget_ratio: float = field(default=4.0, metadata={"help": "Final adapter budget / initial size."})
-    distillation: bool = field(default=True, metadata={"help": "Self-distillation (spec F). See the module "
-                                                                 "docstring for its known problem in short runs."})
+    distillation: bool = field(default=True, metadata={"help": "Self-distillation (spec F); False is the paper's "
+                                                                 "'w/o D_S' ablation."})
     distill_end: str = field(default="0.85", metadata={"help": "With --distillation True: step or fraction at which "
                                                                 "distillation ends; the rest is fine-tuning at a "
                                                                 "lower learning rate."})
+    post_distill_lr_ratio: float = field(default=0.1, metadata={"help": "Learning-rate factor for the fine-tuning "
+                                                                        "after distillation (spec F.2: 0.1)."})
 
 
 class InputError(Exception):
