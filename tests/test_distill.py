@@ -677,3 +677,37 @@ def test_distill_end_after_plateau_event_but_before_real_event_raises(tmp_path):
     tr = apt_hf.APTTrainer(model=pm, args=args, train_dataset=TokenData(data))
     with pytest.raises(ValueError, match="distill_end"):
         tr.train()
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_run_stopped_while_removal_is_held_ends_pruned(tmp_path):
+    """A run that stops (early stopping, max time) between an event and the next teacher refresh still ends with
+    the held blocks removed physically, so what is saved is the small model."""
+    factory, task, data, _ = RUNS["bert"]
+    pm = peft.get_peft_model(factory(), apt_hf.APTConfig(task_type=task, **SCHEDULE, distill_end=DISTILL_END))
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=8, max_steps=MAX_STEPS, learning_rate=LR,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    tr = apt_hf.APTTrainer(model=pm, args=args, train_dataset=TokenData(data), callbacks=[StopAt(EVENTS[1])])
+    seen = {}
+
+    class Peek(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen[state.global_step] = tr.apt_callback.held is not None
+            return control
+
+    tr.add_callback(Peek())
+    tr.train()
+    assert tr.state.global_step == EVENTS[1] and seen[EVENTS[1]], "the run should stop with removal held back"
+    apt = apt_hf.find_apt_model(pm)
+    assert tr.apt_callback.held is None
+    assert [s.num_heads for s in apt.layout.attentions] == [int((m > 0).sum()) for m in apt.masks.heads]
+    assert [f.num_neurons for f in apt.layout.ffns] == [int((m > 0).sum()) for m in apt.masks.neurons]
