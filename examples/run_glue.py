@@ -174,6 +174,8 @@ class APTArguments:
     distill_end: str = field(default="0.85", metadata={"help": "With --distillation True: step or fraction at which "
                                                                 "distillation ends; the rest is fine-tuning at a "
                                                                 "lower learning rate."})
+    distill_layer_weight: float = field(default=0.9, metadata={"help": "a_layer, weight of the layer loss (spec "
+                                                                       "F.3: 0.9)."})
     post_distill_lr_ratio: float = field(default=0.1, metadata={"help": "Learning-rate factor for the fine-tuning "
                                                                         "after distillation (spec F.2: 0.1)."})
 
