@@ -9,6 +9,7 @@ against the dense model (batch 32 x 128 tokens and batch 1, same process, median
 
     python benchmarks/glue_benchmark.py                       # SST-2, the committed configuration
     python benchmarks/glue_benchmark.py --task mrpc --train_rows 3668 --epochs 3
+    python benchmarks/glue_benchmark.py --malloc_mmap_threshold 131072 --results_tag _mmap128k   # memory run
 """
 
 from __future__ import annotations
@@ -120,11 +121,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--out", default=str(ROOT / "runs" / "benchmark"))
-    p.add_argument("--malloc_mmap_threshold", type=int, default=131072,
+    p.add_argument("--malloc_mmap_threshold", type=int, default=0,
                    help="glibc MALLOC_MMAP_THRESHOLD_ for every method's process (0: glibc's default). A fixed "
-                        "threshold returns freed large blocks to the OS, so peak RSS shows what a method needs rather "
-                        "than how much the heap fragments; with glibc's default, APT's RSS grows to ~2.8 GB because "
-                        "its tensors change shape at every pruning event, while it needs < 1 GB.")
+                        "threshold (e.g. 131072) returns freed large blocks to the OS, so peak RSS shows what a "
+                        "method needs rather than how much the heap fragments, at the cost of slower steps.")
+    p.add_argument("--results_tag", default="", help="Suffix of the result files: glue_<task><tag>.json etc.")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +156,7 @@ def write_results(results: dict[str, dict], args: argparse.Namespace) -> None:
             "args": vars(args), "device": "CPU, 2 cores (shared machine)",
             "metric": next(iter(results.values()))["metric"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"glue_{args.task}"
+    stem = RESULTS / f"glue_{args.task}{args.results_tag}"
     slim = {n: {k: v for k, v in r.items() if k != "eval_metrics"} for n, r in results.items()}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "table": rows, "runs": slim}, indent=2))
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
@@ -163,7 +164,7 @@ def write_results(results: dict[str, dict], args: argparse.Namespace) -> None:
         writer.writeheader()
         writer.writerows(rows)
     if "ft" in results and "apt" in results:
-        plot(results, RESULTS / f"glue_{args.task}_curves.png", RESULTS / f"glue_{args.task}_apt_schedule.png",
+        plot(results, stem.parent / f"{stem.name}_curves.png", stem.parent / f"{stem.name}_apt_schedule.png",
              meta["metric"])
     print(json.dumps(rows, indent=2), flush=True)
 

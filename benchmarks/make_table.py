@@ -18,7 +18,9 @@ def fmt(value, spec: str, none: str = "–") -> str:
 def glue_table(path: Path) -> str:
     data = json.loads(path.read_text())
     meta, rows = data["meta"], data["table"]
-    lines = [f"`{meta['command']}` — {meta['device']}, metric: dev {meta['metric']}", "",
+    threshold = meta["args"].get("malloc_mmap_threshold")
+    malloc = f", glibc MALLOC_MMAP_THRESHOLD_={threshold} for every method" if threshold else ""
+    lines = [f"`{meta['command']}` — {meta['device']}{malloc}, metric: dev {meta['metric']}", "",
              "| method | best dev | final dev | best / FT | train time (s) | time to 97% of FT (s) | peak RSS (MB) "
              "| density | throughput vs dense, b32x128 | b1x128 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -28,6 +30,26 @@ def glue_table(path: Path) -> str:
                      f"{fmt(r['time_to_97pct_ft_s'], '.0f', 'not reached')} | {fmt(r['peak_rss_mb'], '.0f')} | "
                      f"{fmt(r['density'], '.3f')} | {speed(r['throughput_b32_vs_dense'])} | "
                      f"{speed(r['throughput_b1_vs_dense'])} |")
+    return "\n".join(lines)
+
+
+def memory_table(default: Path, fixed: Path) -> str:
+    """Peak RSS and training time per method under glibc's default allocator and a fixed mmap threshold."""
+    a, b = (json.loads(p.read_text()) for p in (default, fixed))
+    threshold = b["meta"]["args"]["malloc_mmap_threshold"]
+    rows_b = {r["method"]: r for r in b["table"]}
+    ft_a, ft_b = next(r for r in a["table"] if r["method"] == "ft"), rows_b["ft"]
+    lines = [f"`{b['meta']['command']}` (peak RSS with MALLOC_MMAP_THRESHOLD_={threshold}) next to `{default.name}` "
+             "(glibc's default)", "",
+             "| method | peak RSS, default (MB) | / FT | peak RSS, fixed threshold (MB) | / FT | train time, default (s) "
+             "| train time, fixed threshold (s) |", "|---|---|---|---|---|---|---|"]
+    for r in a["table"]:
+        f = rows_b.get(r["method"])
+        if f is None:
+            continue
+        lines.append(f"| {r['method']} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / ft_a['peak_rss_mb']:.2f} | "
+                     f"{f['peak_rss_mb']:.0f} | {f['peak_rss_mb'] / ft_b['peak_rss_mb']:.2f} | "
+                     f"{r['train_time_s']:.0f} | {f['train_time_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -41,11 +63,14 @@ def prune_table(path: Path) -> str:
             f"{r['max_steps']} steps, {r['trainer']}): density {r['final_density']:.4f} (target "
             f"{r['target_density']:.2f}); training step {r['step_time_before_first_event_s']:.2f} s before the first "
             f"event, {r['step_time_after_last_event_s']:.2f} s after the last ({r['speedup_after_pruning']:.2f}x); "
-            f"peak RSS {r['peak_rss_mb']:.0f} MB.")
+            f"peak RSS {r['peak_rss_mb']:.0f} MB" + (f" (MALLOC_MMAP_THRESHOLD_={r['malloc_mmap_threshold']})"
+                                                     if r.get("malloc_mmap_threshold") else "") + ".")
 
 
 if __name__ == "__main__":
     for path in sorted(RESULTS.glob("glue_*.json")):
         print(glue_table(path), "\n")
+    for fixed in sorted(RESULTS.glob("glue_*_mmap*.json")):
+        print(memory_table(RESULTS / (fixed.name.split("_mmap")[0] + ".json"), fixed), "\n")
     for path in sorted(RESULTS.glob("prune_minilm_sst2*.json")):
         print(f"- `{path.name}`: {prune_table(path)}")

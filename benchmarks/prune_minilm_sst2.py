@@ -98,7 +98,9 @@ def main() -> None:
         "step_time_after_last_event_s": statistics.median(after),
         "speedup_after_pruning": statistics.median(before) / statistics.median(after),
         "wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "trainer": args.trainer, "distillation": args.trainer == "apt" and not args.no_distill, "event_log": events, "device": "cpu (2 cores)", "torch": torch.__version__,
+        "trainer": args.trainer, "distillation": args.trainer == "apt" and not args.no_distill, "event_log": events,
+        "device": "cpu (2 cores)", "torch": torch.__version__,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),  # glibc default when None
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
