@@ -34,6 +34,22 @@ KINDS: dict[str, tuple[str, str]] = {
 EXACT_KINDS = ("bert", "roberta", "llama_mha", "llama_gqa")
 
 
+class TokenTask(torch.utils.data.Dataset):
+    """Sequence classification on random tokens: label 1 iff the first token id is above 50 (learnable from one
+    position)."""
+
+    def __init__(self, n: int = 256, seq_len: int = 8, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, 101, (n, seq_len), generator=g)
+        self.labels = (self.ids[:, 0] > 50).long()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+
+
 def make_config(kind: str, attn: str = "eager", **overrides) -> transformers.PretrainedConfig:
     """A tiny config of ``kind`` (see :data:`KINDS`); ``overrides`` replace any field."""
     if kind in ("bert", "roberta"):

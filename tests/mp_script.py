@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peft  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
-from conftest import make_model  # noqa: E402
+from conftest import TokenTask, make_model  # noqa: E402
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 import apt_hf  # noqa: E402
@@ -36,21 +36,6 @@ MAX_STEPS = 45
 SCHEDULE = dict(pruning_start=5, pruning_end=40, sparsity_warmup=5, num_pruning_events=4, mask_decay_window=5,
                 mask_decay=0.25)
 EVENTS = (13, 22, 31, 40)
-
-
-class TokenTask(torch.utils.data.Dataset):
-    """Label 1 iff the first token id is above 50."""
-
-    def __init__(self, n: int = 256, seq_len: int = 8, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(3, 101, (n, seq_len), generator=g)
-        self.labels = (self.ids[:, 0] > 50).long()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
 
 
 def snapshot(pm, trainer, collector) -> dict:

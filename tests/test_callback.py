@@ -17,7 +17,7 @@ import pytest
 import scipy.stats
 import torch
 import transformers
-from conftest import make_model
+from conftest import TokenTask, make_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -40,21 +40,6 @@ EVENTS = (13, 22, 31, 40)
 
 
 # ================================================================================================ helpers
-class TokenTask(torch.utils.data.Dataset):
-    """Sequence classification: label 1 iff the first token id is above 50 (learnable from one position)."""
-
-    def __init__(self, n: int = 256, seq_len: int = 8, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(3, 101, (n, seq_len), generator=g)
-        self.labels = (self.ids[:, 0] > 50).long()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
-
-
 def tiny(kind: str) -> transformers.PreTrainedModel:
     """``bert``: BertForSequenceClassification (hidden 32, 8 heads of 4, FFN 96); ``gqa``:
     LlamaForSequenceClassification (hidden 64, 8 heads / 2 kv heads, FFN 80).

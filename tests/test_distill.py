@@ -547,12 +547,8 @@ class StructureRecorder(TrainerCallback):
             teacher=teacher, refreshes=distiller.teacher.refreshes,
             physical=(sum(s.num_heads for s in apt.layout.attentions), sum(f.num_neurons for f in apt.layout.ffns)),
             kept=(sum(int((m > 0).sum()) for m in masks.heads), sum(int((m > 0).sum()) for m in masks.neurons)),
-            masks=[m.clone() for m in [*masks.heads, *masks.neurons]], held=apt_callback(self.trainer).held)
+            masks=[m.clone() for m in [*masks.heads, *masks.neurons]], held=self.trainer.apt_callback.held)
         return control
-
-
-def apt_callback(trainer):
-    return trainer.apt_callback
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama_gqa"])
@@ -581,8 +577,9 @@ def test_teacher_keeps_its_structure_until_refresh(kind, tmp_path):
             assert now.kept[0] + now.kept[1] < pre.kept[0] + pre.kept[1], step
             assert now.physical == before.physical and now.held is not None, step
         if step in WINDOWS:  # refresh: held blocks removed first, then the new snapshot
-            assert now.held is None and now.physical[0] < before.physical[0] + (kind == "llama_gqa") * 99
-            assert now.physical[1] == now.kept[1], step
+            assert now.held is None and now.physical[1] == now.kept[1], step
+            if kind == "bert":  # (GQA keeps padding heads of surviving groups physically)
+                assert now.physical[0] < before.physical[0], step
         elif before.teacher is not None:  # no refresh: the teacher computes exactly what it computed before
             torch.testing.assert_close(now.teacher, before.teacher, rtol=0, atol=1e-5, msg=f"step {step}")
         if now.physical == before.physical and before.held is not None:  # held blocks never come back

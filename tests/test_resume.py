@@ -318,23 +318,15 @@ def test_stock_trainer_missing_apt_state(stock_checkpoint, tmp_path):
 
 
 # ================================================================================================ broken checkpoints
-def test_missing_apt_state_file_is_named(checkpoints, tmp_path):
+@pytest.mark.parametrize("missing", [STATE_FILE, DISTILL_STATE_FILE])
+def test_missing_state_file_during_distillation_is_named(missing, checkpoints, tmp_path):
+    """A checkpoint taken while distilling but without apt_state.pt / apt_distill.pt must not resume with a restarted
+    schedule or with distillation silently off (no teacher until the next refresh)."""
     out, _, _ = checkpoints
     folder = tmp_path / "ckpt"
     shutil.copytree(out / f"checkpoint-{CASES['distill']}", folder)
-    os.remove(folder / STATE_FILE)
-    with pytest.raises(FileNotFoundError, match=STATE_FILE):
-        train(bert_model, tmp_path / "resumed", resume=str(folder))
-
-
-def test_missing_teacher_file_during_distillation(checkpoints, tmp_path):
-    """A checkpoint taken while distilling but without apt_distill.pt must not resume with distillation silently
-    off (no teacher until the next refresh)."""
-    out, _, _ = checkpoints
-    folder = tmp_path / "ckpt"
-    shutil.copytree(out / f"checkpoint-{CASES['distill']}", folder)
-    os.remove(folder / DISTILL_STATE_FILE)
-    with pytest.raises(FileNotFoundError, match=DISTILL_STATE_FILE):
+    os.remove(folder / missing)
+    with pytest.raises(FileNotFoundError, match=missing):
         train(bert_model, tmp_path / "resumed", resume=str(folder))
 
 

@@ -228,12 +228,12 @@ class APTCallback(TrainerCallback):
         self.held = None
         return changes
 
-    def remove_pruned(self, optimizer) -> bool:
-        """Remove the blocks held back during distillation (no-op if none); returns whether shapes changed.
+    def remove_pruned(self, optimizer) -> None:
+        """Remove the blocks held back during distillation (no-op if none).
 
         Called by the distillation callback right before a teacher refresh and when distillation ends (spec D.5)."""
         if self.held is None:
-            return False
+            return
         before = list(self.apt.parameters())
         changes = self._remove_masked()
         self._commit(optimizer, before, changes)
@@ -241,7 +241,6 @@ class APTCallback(TrainerCallback):
         self._pending.update(stats)
         logger.warning("APT: held-back blocks removed physically: %d params, heads %d, neurons %d, hidden %d.",
                        stats["apt/params"], stats["apt/heads"], stats["apt/neurons"], stats["apt/hidden"])
-        return bool(changes)
 
     def _commit(self, optimizer, before: list, changes: list) -> None:
         """Optimizer surgery, DDP re-wrap and listeners after parameters were replaced or removed (spec K.6)."""
