@@ -2,7 +2,8 @@
 
 Every method runs through the same script, ``examples/run_glue.py`` (same data pipeline, evaluation and export),
 in its own process so that peak memory (max RSS) is per method. The runner then computes, per method: best and
-final dev metric, the metric relative to FT, wall time, time to reach 97 % of FT's best dev metric (training
+final dev metric (best: over the evaluations at the delivered density, i.e. after the last pruning event, as in
+spec G), the metric relative to FT, wall time, time to reach 97 % of FT's best dev metric (training
 wall-clock, evaluation time excluded), peak RSS (loading, training and evaluation; taken before export), kept parameters and the exported model's inference throughput
 against the dense model (batch 32 x 128 tokens and batch 1, same process, medians). Outputs go to
 ``benchmarks/results/``: ``glue_<task>.json``, ``glue_<task>.csv`` and two PNG plots.
@@ -18,6 +19,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -49,6 +51,8 @@ def run_method(name: str, args: argparse.Namespace, out: Path) -> dict:
            "--target_sparsity", str(args.target_sparsity), "--output_dir", str(out / name),
            "--export_dir", str(out / name / "export"), "--overwrite_export", "True",
            "--speed_repeats", str(args.speed_repeats), "--speed_batch_size", "32", "--speed_seq_length", "128"]
+    if name.startswith("apt"):
+        cmd += shlex.split(args.apt_args)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     if args.malloc_mmap_threshold:  # same allocator setting for every method (see --malloc_mmap_threshold)
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
@@ -68,8 +72,13 @@ def time_to(history: list[dict], threshold: float) -> float | None:
 
 
 def pruned_history(name: str, run: dict) -> list[dict]:
-    """Evaluations of the model a method delivers: LoRA+Prune's model exists only after its final pruning step."""
-    return run["eval_history"][-1:] if name == "lora_prune" else run["eval_history"]
+    """Evaluations of models at the density a method delivers (spec G: the reported score is the best dev score
+    after the last pruning event). LoRA+Prune's model exists only after its final pruning step; an APT run's
+    evaluations count from its last pruning event on (``apt/event`` in its log history); dense methods keep all."""
+    if name == "lora_prune":
+        return run["eval_history"][-1:]
+    events = [h["step"] for h in run.get("log_history", []) if "apt/event" in h]
+    return [h for h in run["eval_history"] if h["step"] >= max(events)] if events else run["eval_history"]
 
 
 def plot(results: dict, path_curves: Path, path_apt: Path, metric: str) -> None:
@@ -79,9 +88,12 @@ def plot(results: dict, path_curves: Path, path_apt: Path, metric: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, r in results.items():
-        h = pruned_history(name, r)
-        ax.plot([p["train_time_s"] for p in h], [p["metric"] for p in h], marker="o", ms=3, label=name)
+    for i, (name, r) in enumerate(results.items()):  # dashed: evaluations before the delivered density
+        full, h = r["eval_history"], pruned_history(name, r)
+        if len(h) < len(full):
+            ax.plot([p["train_time_s"] for p in full], [p["metric"] for p in full], color=f"C{i}", ls="--", lw=0.8,
+                    alpha=0.5)
+        ax.plot([p["train_time_s"] for p in h], [p["metric"] for p in h], color=f"C{i}", marker="o", ms=3, label=name)
     ft_best = max(h["metric"] for h in results["ft"]["eval_history"])
     ax.axhline(0.97 * ft_best, color="grey", ls="--", lw=1, label="97% of FT best")
     ax.set_xlabel("training wall-clock (s, evaluation excluded)")
@@ -125,8 +137,17 @@ def main() -> None:
                    help="glibc MALLOC_MMAP_THRESHOLD_ for every method's process (0: glibc's default). A fixed "
                         "threshold (e.g. 131072) returns freed large blocks to the OS, so peak RSS shows what a "
                         "method needs rather than how much the heap fragments, at the cost of slower steps.")
+    p.add_argument("--apt_args", default="", help="Extra run_glue.py flags for the APT methods (diagnostic variants, "
+                                                  "e.g. \"--distill_layer_weight 0\"); use with --results_tag.")
     p.add_argument("--results_tag", default="", help="Suffix of the result files: glue_<task><tag>.json etc.")
+    p.add_argument("--rescore", metavar="RESULTS_JSON",
+                   help="Recompute the table (and plots) of a committed results file from its recorded runs with "
+                        "this script's current scoring rules; nothing is re-run. The file's meta.command is kept "
+                        "and this invocation is recorded as meta.rescored_by.")
     args = p.parse_args()
+    if args.rescore:
+        rescore(Path(args.rescore))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
@@ -138,36 +159,54 @@ def main() -> None:
         write_results(results, args)
 
 
-def write_results(results: dict[str, dict], args: argparse.Namespace) -> None:
-    """Write the JSON/CSV table (and the plots once FT and APT are in); called after every method."""
+def table_rows(results: dict[str, dict]) -> list[dict]:
+    """One row per method: the figures listed in the module docstring."""
     ft_best = results["ft"]["best_metric"] if "ft" in results else None
     rows = []
     for name, r in results.items():
         history = pruned_history(name, r)
+        best = max(h["metric"] for h in history)
         rows.append({
-            "method": name, "best_metric": max(h["metric"] for h in history), "final_metric": r["metric_value"],
-            "best_vs_ft": max(h["metric"] for h in history) / ft_best if ft_best else None,
+            "method": name, "best_metric": best, "final_metric": r["metric_value"],
+            "best_vs_ft": best / ft_best if ft_best else None,
             "train_time_s": r["train_time_s"],
             "time_to_97pct_ft_s": time_to(history, 0.97 * ft_best) if ft_best else None,
             "peak_rss_mb": r["peak_rss_mb"], "kept_params": r["kept_params"], "density": r["density"],
             "throughput_b32_vs_dense": r.get("speedup"), "throughput_b1_vs_dense": r.get("speedup_b1"),
         })
+        final = r["eval_history"][-1].get("metrics", {}) if r["eval_history"] else {}
+        if r["metric"] != "accuracy" and "eval_accuracy" in final:  # e.g. MRPC: F1 flatters a majority-class model
+            rows[-1]["final_accuracy"] = final["eval_accuracy"]
+    return rows
+
+
+def write_results(results: dict[str, dict], args: argparse.Namespace) -> None:
+    """Write the JSON/CSV table (and the plots once FT and APT are in); called after every method."""
     meta = {"task": args.task, "command": " ".join(["python benchmarks/glue_benchmark.py", *sys.argv[1:]]),
             "args": vars(args), "device": "CPU, 2 cores (shared machine)",
             "metric": next(iter(results.values()))["metric"]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"glue_{args.task}{args.results_tag}"
     slim = {n: {k: v for k, v in r.items() if k != "eval_metrics"} for n, r in results.items()}
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "table": rows, "runs": slim}, indent=2))
+    save(RESULTS / f"glue_{args.task}{args.results_tag}", meta, slim)
+
+
+def rescore(path: Path) -> None:
+    data = json.loads(path.read_text())
+    data["meta"]["rescored_by"] = " ".join(["python benchmarks/glue_benchmark.py", *sys.argv[1:]])
+    save(path.with_suffix(""), data["meta"], data["runs"])
+
+
+def save(stem: Path, meta: dict, runs: dict[str, dict]) -> None:
+    rows = table_rows(runs)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "table": rows, "runs": runs}, indent=2))
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    if "ft" in results and "apt" in results:
-        plot(results, stem.parent / f"{stem.name}_curves.png", stem.parent / f"{stem.name}_apt_schedule.png",
+    if "ft" in runs and "apt" in runs:
+        plot(runs, stem.parent / f"{stem.name}_curves.png", stem.parent / f"{stem.name}_apt_schedule.png",
              meta["metric"])
     print(json.dumps(rows, indent=2), flush=True)
-
 
 if __name__ == "__main__":
     main()

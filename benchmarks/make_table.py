@@ -20,12 +20,16 @@ def glue_table(path: Path) -> str:
     meta, rows = data["meta"], data["table"]
     threshold = meta["args"].get("malloc_mmap_threshold")
     malloc = f", glibc MALLOC_MMAP_THRESHOLD_={threshold} for every method" if threshold else ""
-    lines = [f"`{meta['command']}` — {meta['device']}{malloc}, metric: dev {meta['metric']}", "",
-             "| method | best dev | final dev | best / FT | train time (s) | time to 97% of FT (s) | peak RSS (MB) "
-             "| density | throughput vs dense, b32x128 | b1x128 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    rescored = f" (table re-scored from the recorded runs: `{meta['rescored_by']}`)" if meta.get("rescored_by") else ""
+    accuracy = "final_accuracy" in rows[0]  # a second column when the main metric is not accuracy
+    lines = [f"`{meta['command']}` — {meta['device']}{malloc}, metric: dev {meta['metric']}{rescored}", "",
+             "| method | best dev | final dev | " + ("final dev accuracy | " if accuracy else "") +
+             "best / FT | train time (s) | time to 97% of FT (s) | peak RSS (MB) | density "
+             "| throughput vs dense, b32x128 | b1x128 |",
+             "|---" * (11 if accuracy else 10) + "|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {fmt(r['best_metric'], '.4f')} | {fmt(r['final_metric'], '.4f')} | "
+        acc = f"{fmt(r.get('final_accuracy'), '.4f')} | " if accuracy else ""
+        lines.append(f"| {r['method']} | {fmt(r['best_metric'], '.4f')} | {fmt(r['final_metric'], '.4f')} | {acc}"
                      f"{fmt(r['best_vs_ft'], '.3f')} | {fmt(r['train_time_s'], '.0f')} | "
                      f"{fmt(r['time_to_97pct_ft_s'], '.0f', 'not reached')} | {fmt(r['peak_rss_mb'], '.0f')} | "
                      f"{fmt(r['density'], '.3f')} | {speed(r['throughput_b32_vs_dense'])} | "

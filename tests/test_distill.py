@@ -619,6 +619,31 @@ def test_distillation_waits_for_first_real_event(tmp_path):
     assert [h["step"] for h in train_logs(tr) if "loss_pred" in h] == list(range(15, 20))
 
 
+@pytest.mark.parametrize("metric, greater, evals, refreshed", [
+    # F1 flat at the majority-class plateau: ties are broken by the eval loss, worse metrics never win
+    ("f1", None, [(0.81, 0.62), (0.81, 0.60), (0.81, 0.61), (0.79, 0.40), (0.83, 0.70), (0.83, 0.69)],
+     [True, True, False, False, True, True]),
+    # the eval loss itself as the metric: lower is better, equal is not
+    (None, None, [(0.7, 0.7), (0.6, 0.6), (0.6, 0.6), (0.65, 0.65)], [True, True, False, False]),
+    # an explicit greater_is_better=False metric (e.g. a perplexity) with a loss tie-break
+    ("ppl", False, [(9.0, 2.2), (9.0, 2.1), (9.5, 1.0)], [True, True, False]),
+])
+def test_teacher_refresh_rule(metric, greater, evals, refreshed):
+    """Spec F.1: refresh when the dev metric improves; beyond the spec, an exact tie refreshes if eval loss drops."""
+    cb = apt_hf.trainer.DistillCallback(apt_callback=None, has_eval=True)
+    taken = []
+    cb._refresh = lambda model, optimizer: taken.append(True)
+    args = SimpleNamespace(metric_for_best_model=metric, greater_is_better=greater)
+    for value, loss in evals:
+        cb._awaiting_eval = True
+        before = len(taken)
+        metrics = {"eval_loss": loss} if metric is None else {f"eval_{metric}": value, "eval_loss": loss}
+        cb.on_evaluate(args, None, None, metrics=metrics, model=None)
+        taken_now = len(taken) > before
+        assert taken_now == refreshed.pop(0), (value, loss)
+        assert not cb._awaiting_eval
+
+
 def test_without_eval_teacher_refreshes_every_window(tmp_path):
     tr, pm, _ = train("bert", tmp_path, eval_data=False, max_steps=MAX_STEPS)
     assert tr.distiller.teacher.refreshes == len(WINDOWS)

@@ -46,6 +46,7 @@ class DistillCallback(TrainerCallback):
         self.start = self.end = 0
         self.refresh_steps: set[int] = set()
         self.best: Optional[float] = None
+        self.best_loss: Optional[float] = None  # eval loss of the current teacher, for ties of the metric
         self._awaiting_eval = False
         self._has_eval = has_eval
         self.resume_dir: Optional[str] = None
@@ -95,11 +96,13 @@ class DistillCallback(TrainerCallback):
 
     def state_dict(self, model) -> dict:
         names = {id(p): n for n, p in model.named_parameters()}
-        return {"teacher": self.teacher.state_dict(names), "best": self.best, "refreshes": self.teacher.refreshes}
+        return {"teacher": self.teacher.state_dict(names), "best": self.best, "best_loss": self.best_loss,
+                "refreshes": self.teacher.refreshes}
 
     def load_state_dict(self, state: dict, model) -> None:
         self.teacher.load_state_dict(state["teacher"], dict(model.named_parameters()))
         self.best, self.teacher.refreshes = state["best"], state["refreshes"]
+        self.best_loss = state.get("best_loss")
 
     def on_save(self, args, state, control, model=None, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -148,10 +151,19 @@ class DistillCallback(TrainerCallback):
             raise KeyError(f"APT teacher refresh needs '{key}' from evaluation; available: {sorted(metrics)}. "
                            "Set TrainingArguments.metric_for_best_model to one of them.")
         greater = args.greater_is_better if args.greater_is_better is not None else not name.endswith("loss")
-        if self.best is None or (value > self.best if greater else value < self.best):
-            self.best = value
+        loss = metrics.get("eval_loss")
+        if self._improves(value, loss, greater):
+            self.best, self.best_loss = value, loss
             self._refresh(model, kwargs.get("optimizer"))
         return control
+
+    def _improves(self, value: float, loss: Optional[float], greater: bool) -> bool:
+        """Spec F.1: a refresh needs a better dev metric than the current teacher's. Beyond the spec, an exact tie
+        is broken by the eval loss: accuracy, F1 or Matthews correlation stay flat while a young model predicts the
+        majority class, and with ties refused such a run would distil from that first teacher to the end."""
+        if self.best is None or (value > self.best if greater else value < self.best):
+            return True
+        return value == self.best and None not in (loss, self.best_loss) and loss < self.best_loss
 
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
         if self.enabled:  # a run stopped before distill_end still ends with the pruned blocks removed
