@@ -9,7 +9,8 @@ against the dense model (batch 32 x 128 tokens and batch 1, same process, median
 ``benchmarks/results/``: ``glue_<task>.json``, ``glue_<task>.csv`` and two PNG plots.
 
     python benchmarks/glue_benchmark.py                       # SST-2, the committed configuration
-    python benchmarks/glue_benchmark.py --task mrpc --train_rows 3668 --epochs 3
+    python benchmarks/glue_benchmark.py --task mrpc --train_rows 3668 --epochs 3 --max_length 128 \
+        --methods ft,lora,apt,lora_prune,apt_wo_DS,apt_wo_AT,apt_wo_AP --out runs/benchmark_mrpc
     python benchmarks/glue_benchmark.py --malloc_mmap_threshold 131072 --results_tag _mmap128k   # memory run
 """
 
@@ -74,11 +75,14 @@ def time_to(history: list[dict], threshold: float) -> float | None:
 def pruned_history(name: str, run: dict) -> list[dict]:
     """Evaluations of models at the density a method delivers (spec G: the reported score is the best dev score
     after the last pruning event). LoRA+Prune's model exists only after its final pruning step; an APT run's
-    evaluations count from its last pruning event on (``apt/event`` in its log history); dense methods keep all."""
+    evaluations count from its last pruning event on (``apt/event`` in its log history); methods that deliver a
+    dense model (FT, LoRA, APT w/o A_P, whose events only grow ranks) keep all."""
     if name == "lora_prune":
         return run["eval_history"][-1:]
     events = [h["step"] for h in run.get("log_history", []) if "apt/event" in h]
-    return [h for h in run["eval_history"] if h["step"] >= max(events)] if events else run["eval_history"]
+    if not events or run["density"] >= 1.0:
+        return run["eval_history"]
+    return [h for h in run["eval_history"] if h["step"] >= max(events)]
 
 
 def plot(results: dict, path_curves: Path, path_apt: Path, metric: str) -> None:
@@ -182,7 +186,7 @@ def table_rows(results: dict[str, dict]) -> list[dict]:
 
 def write_results(results: dict[str, dict], args: argparse.Namespace) -> None:
     """Write the JSON/CSV table (and the plots once FT and APT are in); called after every method."""
-    meta = {"task": args.task, "command": " ".join(["python benchmarks/glue_benchmark.py", *sys.argv[1:]]),
+    meta = {"task": args.task, "command": shlex.join(["python", "benchmarks/glue_benchmark.py", *sys.argv[1:]]),
             "args": vars(args), "device": "CPU, 2 cores (shared machine)",
             "metric": next(iter(results.values()))["metric"]}
     slim = {n: {k: v for k, v in r.items() if k != "eval_metrics"} for n, r in results.items()}
@@ -191,7 +195,7 @@ def write_results(results: dict[str, dict], args: argparse.Namespace) -> None:
 
 def rescore(path: Path) -> None:
     data = json.loads(path.read_text())
-    data["meta"]["rescored_by"] = " ".join(["python benchmarks/glue_benchmark.py", *sys.argv[1:]])
+    data["meta"]["rescored_by"] = shlex.join(["python", "benchmarks/glue_benchmark.py", *sys.argv[1:]])
     save(path.with_suffix(""), data["meta"], data["runs"])
 
 

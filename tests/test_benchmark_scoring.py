@@ -29,17 +29,20 @@ def test_pruning_runs_are_scored_after_their_last_event(bench):
     runs = {"ft": _run({50: 0.80, 100: 0.90}),
             "apt": _run({50: 0.85, 206: 0.95, 250: 0.80, 300: 0.88}, events=(60, 226)),
             "lora_prune": _run({50: 0.92, 100: 0.95, 101: 0.86}),
-            "lora": _run({50: 0.89, 100: 0.86})}
+            "lora": _run({50: 0.89, 100: 0.86}),
+            "apt_wo_AP": _run({50: 0.89, 100: 0.86}, events=(60,))}  # events grow ranks only: density stays 1
+    runs["apt"]["density"] = runs["lora_prune"]["density"] = 0.4
     rows = {r["method"]: r for r in bench.table_rows(runs)}
     assert rows["apt"]["best_metric"] == 0.88  # 0.95 at step 206 is before the last event (226)
     assert rows["apt"]["time_to_97pct_ft_s"] == 300.0  # 0.97 * 0.90 = 0.873 first reached at the final density
     assert rows["lora_prune"]["best_metric"] == 0.86 and rows["lora_prune"]["time_to_97pct_ft_s"] is None
     assert rows["lora"]["best_metric"] == 0.89 and rows["lora"]["time_to_97pct_ft_s"] == 50.0
+    assert rows["apt_wo_AP"]["best_metric"] == 0.89 and rows["apt_wo_AP"]["time_to_97pct_ft_s"] == 50.0
     assert rows["ft"]["best_vs_ft"] == 1.0
 
 
 def test_rescore_rewrites_the_table_and_keeps_the_command(bench, tmp_path, monkeypatch):
-    runs = {"ft": _run({50: 0.9}), "apt": _run({50: 0.95, 300: 0.85}, events=(100,))}
+    runs = {"ft": _run({50: 0.9}), "apt": {**_run({50: 0.95, 300: 0.85}, events=(100,)), "density": 0.4}}
     stale = [{"method": "apt", "best_metric": 0.95}]
     path = tmp_path / "glue_x.json"
     path.write_text(json.dumps({"meta": {"command": "python original", "metric": "accuracy"}, "table": stale,
