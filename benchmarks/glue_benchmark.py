@@ -3,9 +3,10 @@
 Every method runs through the same script, ``examples/run_glue.py`` (same data pipeline, evaluation and export),
 in its own process so that peak memory (max RSS) is per method. The runner then computes, per method: best and
 final dev metric (best: over the evaluations at the delivered density, i.e. after the last pruning event, as in
-spec G), the metric relative to FT, wall time, time to reach 97 % of FT's best dev metric (training
-wall-clock, evaluation time excluded), peak RSS (loading, training and evaluation; taken before export), kept parameters and the exported model's inference throughput
-against the dense model (batch 32 x 128 tokens and batch 1, same process, medians). Outputs go to
+spec G), the metric relative to FT, wall time, time to reach 97 % of FT's best dev metric (training wall-clock,
+evaluation time excluded), peak RSS (loading, training and evaluation; taken before export), kept parameters and
+the exported model's inference throughput against the dense model (batch 32 x 128 tokens and batch 1, same
+process, medians). Outputs go to
 ``benchmarks/results/``: ``glue_<task>.json``, ``glue_<task>.csv`` and two PNG plots.
 
     python benchmarks/glue_benchmark.py                       # SST-2, the committed configuration
@@ -211,6 +212,7 @@ def save(stem: Path, meta: dict, runs: dict[str, dict]) -> None:
         plot(runs, stem.parent / f"{stem.name}_curves.png", stem.parent / f"{stem.name}_apt_schedule.png",
              meta["metric"])
     print(json.dumps(rows, indent=2), flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -292,7 +292,8 @@ class EvalClock(TrainerCallback):
         self.eval_time += metrics.get("eval_runtime", 0.0)
         self.history.append({"step": state.global_step, "train_time_s": self.train_time(),
                              "metric": metrics[f"eval_{self.metric}"],
-                             "metrics": {k: v for k, v in metrics.items() if "runtime" not in k and "per_second" not in k}})
+                             "metrics": {k: v for k, v in metrics.items()
+                                         if "runtime" not in k and "per_second" not in k}})
 
 
 def print_summary(summary: dict[str, Any]) -> None:
