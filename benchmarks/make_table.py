@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,6 +58,26 @@ def memory_table(default: Path, fixed: Path) -> str:
     return "\n".join(lines)
 
 
+def seed_table(paths: list[Path]) -> str:
+    """Best dev metric per seed, mean and standard deviation, mean relative to FT's mean, and the number of seeds in
+    which a method reached 97 % of that seed's FT, over benchmark runs that differ only in ``--seed``."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    seeds = [str(d["meta"]["args"]["seed"]) for d in runs]
+    tables = [{r["method"]: r for r in d["table"]} for d in runs]
+    methods = [m for m in tables[0] if all(m in t for t in tables)]
+    ft_mean = statistics.mean(t["ft"]["best_metric"] for t in tables)
+    lines = [f"`{d['meta']['command']}`" for d in runs] + [
+        "", f"| method | best dev, seeds {' / '.join(seeds)} | mean ± sd | mean / FT mean | seeds reaching 97 % of FT |",
+        "|---|---|---|---|---|"]
+    for m in methods:
+        values = [t[m]["best_metric"] for t in tables]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        reached = sum(t[m]["time_to_97pct_ft_s"] is not None for t in tables)
+        lines.append(f"| {m} | {' / '.join(f'{v:.4f}' for v in values)} | {statistics.mean(values):.4f} ± {sd:.4f} "
+                     f"| {statistics.mean(values) / ft_mean:.3f} | {reached} of {len(tables)} |")
+    return "\n".join(lines)
+
+
 def speed(value) -> str:
     return "–" if value is None else f"{value:.2f}x"
 
@@ -74,6 +95,10 @@ def prune_table(path: Path) -> str:
 if __name__ == "__main__":
     for path in sorted(RESULTS.glob("glue_*.json")):
         print(glue_table(path), "\n")
+    for main in sorted(RESULTS.glob("glue_*.json")):
+        seeded = sorted(RESULTS.glob(main.stem + "_seed*.json"))
+        if seeded:
+            print(seed_table([main, *seeded]), "\n")
     for fixed in sorted(RESULTS.glob("glue_*_mmap*.json")):
         print(memory_table(RESULTS / (fixed.name.split("_mmap")[0] + ".json"), fixed), "\n")
     for path in sorted(RESULTS.glob("prune_minilm_sst2*.json")):

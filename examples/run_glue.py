@@ -19,16 +19,22 @@ and loads back with ``apt_hf.load_pruned``.
 
 APT schedule: ``pruning_start``, ``pruning_end``, ``sparsity_warmup`` and ``distill_end`` accept a step count
 (``200``) or a fraction of the run's optimizer steps (``0.6``, written with a decimal point). The defaults here
-suit a short run: prune between 5 % and 60 % of training in 5 events and keep training the pruned model with the
-task loss. ``APTConfig``'s own defaults follow the paper's 40-epoch schedule. Without ``--mask_decay_window`` the
+suit a short run: prune between 5 % and 60 % of training in 5 events, self-distil while pruning, and give the last
+40 % of training to task-loss fine-tuning of the pruned model. ``APTConfig``'s own defaults follow the paper's 40-epoch schedule. Without ``--mask_decay_window`` the
 masks move during ``min(200, gap // 2)`` steps before each event, where ``gap`` is the number of steps between
 two events.
 
 Self-distillation is on by default, as in ``APTConfig``: from the first event to ``--distill_end`` the loss is
 ``mu L_distill + (1 - mu) L_task`` against a frozen snapshot of the model's own adapters, then the pruned model is
-fine-tuned with the task loss at ``--post_distill_lr_ratio`` x the learning rate. While distilling, pruned blocks
-are only zero-masked and are removed physically at the next teacher refresh and at ``--distill_end``, so the teacher
-keeps the structure it was snapshotted with. ``--distillation False`` is the paper's "w/o D_S" ablation.
+fine-tuned with the task loss on a fresh schedule peaking at ``--post_distill_lr_ratio`` x the learning rate. While
+distilling, pruned blocks are only zero-masked and are removed physically at the next teacher refresh and at
+``--distill_end``, so the teacher keeps the structure it was snapshotted with. ``--distillation False`` is the
+paper's "w/o D_S" ablation.
+
+``--distill_end`` defaults to ``--pruning_end``, the end of the pruning window, where mu reaches 1. The paper distils far
+longer (to epoch 20 of 40, with mu = 1 after the window), but its teacher has trained for over an epoch of the full
+task before pruning starts. In a run of a few hundred steps the teacher is an early, weak snapshot, and distilling
+from it after the window caps the student at the teacher's accuracy (README, Results).
 
 Without ``--learning_rate``, APT and LoRA use 5e-4 (adapters and the task head) and full fine-tuning 5e-5.
 """
@@ -171,13 +177,14 @@ class APTArguments:
     tuning_budget_ratio: float = field(default=4.0, metadata={"help": "Final adapter budget / initial size."})
     distillation: bool = field(default=True, metadata={"help": "Self-distillation (spec F); False is the paper's "
                                                                  "'w/o D_S' ablation."})
-    distill_end: str = field(default="0.85", metadata={"help": "With --distillation True: step or fraction at which "
-                                                                "distillation ends; the rest is fine-tuning at a "
-                                                                "lower learning rate."})
+    distill_end: Optional[str] = field(default=None, metadata={"help": "With --distillation True: step or fraction "
+                                                                        "at which distillation ends (default: "
+                                                                        "--pruning_end); the rest is task-loss "
+                                                                        "fine-tuning."})
     distill_layer_weight: float = field(default=0.9, metadata={"help": "a_layer, weight of the layer loss (spec "
                                                                        "F.3: 0.9)."})
-    post_distill_lr_ratio: float = field(default=0.1, metadata={"help": "Learning-rate factor for the fine-tuning "
-                                                                        "after distillation (spec F.2: 0.1)."})
+    post_distill_lr_ratio: float = field(default=0.1, metadata={"help": "Peak learning-rate factor of the fresh "
+                                                                        "schedule after distillation (spec F.2: 0.1)."})
 
 
 class InputError(Exception):
@@ -220,8 +227,9 @@ def optimizer_steps(n_train: int, args: TrainingArguments) -> int:
 
 def build_apt_config(apt_args: APTArguments, method_args: MethodArguments, total_steps: int) -> apt_hf.APTConfig:
     """The `APTConfig` of this run, with its schedule checked against the run length before training starts."""
-    schedule = {name: step_or_fraction(name, getattr(apt_args, name))
-                for name in ("pruning_start", "pruning_end", "sparsity_warmup", "distill_end")}
+    texts = {name: getattr(apt_args, name) for name in ("pruning_start", "pruning_end", "sparsity_warmup")}
+    texts["distill_end"] = apt_args.pruning_end if apt_args.distill_end is None else apt_args.distill_end
+    schedule = {name: step_or_fraction(name, text) for name, text in texts.items()}
     fields = {**asdict(apt_args), **schedule, "mask_decay_window": apt_args.mask_decay_window or 0}
     try:
         config = apt_hf.APTConfig(task_type="SEQ_CLS", r=method_args.lora_r, lora_alpha=method_args.lora_alpha,
@@ -236,7 +244,7 @@ def build_apt_config(apt_args: APTArguments, method_args: MethodArguments, total
                 raise ValueError(f"--target_sparsity {config.target_sparsity} prunes nothing, so there is nothing to "
                                  "self-distil; pass --distillation False")
             if distill_end <= first_event:
-                raise ValueError(f"--distill_end {apt_args.distill_end} is step {distill_end}, not after the first "
+                raise ValueError(f"--distill_end {texts['distill_end']} is step {distill_end}, not after the first "
                                  f"pruning event (step {first_event}); raise it or pass --distillation False")
     except ValueError as err:  # APTConfig.validate and resolve_plan name the bad field and the fix
         raise InputError(f"{err} (this run has {total_steps} optimizer steps)") from None

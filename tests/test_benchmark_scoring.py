@@ -63,3 +63,24 @@ def test_f1_tasks_also_report_final_accuracy(bench):
     runs["apt"]["eval_history"][-1]["metrics"] = {"eval_f1": 0.81, "eval_accuracy": 0.68}  # the majority class
     assert [r["final_accuracy"] for r in bench.table_rows(runs)] == [0.80, 0.68]
     assert all("final_accuracy" not in r for r in bench.table_rows({"ft": _run({100: 0.9})}))
+
+
+def test_seed_table(tmp_path):
+    spec = importlib.util.spec_from_file_location("make_table", ROOT / "benchmarks" / "make_table.py")
+    make_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_table)
+    paths = []
+    for seed, (ft, apt, t97) in {42: (0.90, 0.88, 10.0), 43: (0.80, 0.70, None)}.items():
+        table = [{"method": "ft", "best_metric": ft, "time_to_97pct_ft_s": 1.0},
+                 {"method": "apt", "best_metric": apt, "time_to_97pct_ft_s": t97}]
+        if seed == 42:
+            table.append({"method": "lora", "best_metric": 0.5, "time_to_97pct_ft_s": None})  # not in every run
+        path = tmp_path / f"glue_x_seed{seed}.json"
+        path.write_text(json.dumps({"meta": {"command": f"run {seed}", "args": {"seed": seed}}, "table": table}))
+        paths.append(path)
+    lines = make_table.seed_table(paths).splitlines()
+    assert lines[:2] == ["`run 42`", "`run 43`"] and "seeds 42 / 43" in lines[3]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[5:]}
+    assert set(rows) == {"ft", "apt"}
+    assert rows["apt"] == "| apt | 0.8800 / 0.7000 | 0.7900 ± 0.1273 | 0.929 | 1 of 2 |"
+    assert rows["ft"].endswith("| 0.8500 ± 0.0707 | 1.000 | 2 of 2 |")

@@ -115,6 +115,13 @@ def linear_lr(step: int) -> float:
     return LR * (MAX_STEPS - (step - 1)) / MAX_STEPS
 
 
+def post_distill_lr(step: int) -> float:
+    """Peak-relative LR of post-distillation step ``step``: warm-up over ceil(6 % of the phase), then linear decay."""
+    phase = MAX_STEPS - DISTILL_END
+    warmup, c = math.ceil(0.06 * phase), step - DISTILL_END - 1
+    return LR * (c / warmup if c < warmup else (phase - c) / (phase - warmup))
+
+
 def density(pm) -> float:
     return apt_hf.count_params(pm) / apt_hf.find_apt_model(pm).n_params
 
@@ -514,9 +521,10 @@ def test_training_phases(kind, tmp_path):
             best, improvements = evals[step], improvements + 1
     assert tr.distiller.teacher.refreshes == improvements >= 1
 
-    # learning rate: the linear schedule, times 0.1 after distill_end (used and logged)
+    # learning rate: the linear schedule until distill_end, then 0.1 x LR with a fresh 6 % warm-up and linear decay
+    # (spec F.2), used and logged
     for step in range(1, MAX_STEPS + 1):
-        want = linear_lr(step) * (0.1 if step > DISTILL_END else 1.0)
+        want = linear_lr(step) if step <= DISTILL_END else 0.1 * post_distill_lr(step)
         assert rec.lr[step] == pytest.approx([want] * len(rec.lr[step]), rel=1e-6, abs=1e-12), step
         assert logs[step - 1]["learning_rate"] == pytest.approx(want, rel=1e-6, abs=1e-12), step
 

@@ -175,6 +175,17 @@ def test_apt_schedule_that_does_not_fit(run_glue, monkeypatch, capsys, tmp_path,
     assert expected in err and "this run has 25 optimizer steps" in err
 
 
+@pytest.mark.parametrize("flags, want", [
+    ({}, 0.6),  # distillation ends with the pruning window by default
+    ({"pruning_end": "0.7"}, 0.7),
+    ({"pruning_end": "300"}, 300),
+    ({"distill_end": "0.85"}, 0.85),
+])
+def test_distill_end_defaults_to_pruning_end(run_glue, flags, want):
+    config = run_glue.build_apt_config(run_glue.APTArguments(**flags), run_glue.MethodArguments(), 376)
+    assert config.distill_end == want and type(config.distill_end) is type(want)
+
+
 @needs_real_data
 def test_bad_schedule_value(run_glue, monkeypatch, capsys, tmp_path):
     err = fail_before_training(run_glue, monkeypatch, capsys, [*TINY_RUN, "--output_dir", str(tmp_path),

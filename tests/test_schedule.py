@@ -12,6 +12,7 @@ from apt_hf.schedule import (
     decay_window_start,
     distill_mu,
     mask_step,
+    post_distill_lr_factor,
     pruning_event_steps,
     target_density,
 )
@@ -136,6 +137,30 @@ def test_distill_mu() -> None:
     assert round(distill_mu(2647, start=START, end=END), 1) == 0.4
     with pytest.raises(ValueError, match="end"):
         distill_mu(0, start=10, end=3)
+
+
+def test_post_distill_lr_factor() -> None:
+    # spec F.2 for SST-2: distillation ends at epoch 20, training at epoch 40 -> 42100 post steps, 2526 of warm-up
+    end, total = 20 * E, 40 * E
+    f = lambda s: post_distill_lr_factor(s, end=end, total=total)  # noqa: E731
+    assert f(end + 1) == 0.0  # the first step of a fresh warm-up, as transformers' linear schedule
+    assert f(end + 1 + 1263) == pytest.approx(0.5)
+    assert f(end + 1 + 2526) == 1.0  # peak right after the warm-up
+    assert f(end + 1 + 2526 + 39574 // 2) == pytest.approx(0.5)
+    assert f(total) == pytest.approx(1 / 39574)
+    values = [f(s) for s in range(end + 1, total + 1)]
+    assert max(values) == 1.0 and values.index(1.0) == 2526
+    assert all(b >= a for a, b in zip(values[:2527], values[1:2527]))  # rising, then falling
+    assert all(b < a for a, b in zip(values[2526:], values[2527:]))
+    # no warm-up: linear decay from the peak; a one-step phase has only its warm-up step
+    assert post_distill_lr_factor(11, end=10, total=20, warmup_ratio=0.0) == 1.0
+    assert post_distill_lr_factor(20, end=10, total=20, warmup_ratio=0.0) == pytest.approx(0.1)
+    assert post_distill_lr_factor(11, end=10, total=11) == 0.0
+    for step in (10, 21):
+        with pytest.raises(ValueError, match="post-distillation phase"):
+            post_distill_lr_factor(step, end=10, total=20)
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        post_distill_lr_factor(11, end=10, total=20, warmup_ratio=1.0)
 
 
 # ---------------------------------------------------------------- decay window (D.3)

@@ -76,7 +76,8 @@ class APTConfig(PeftConfig):
         distill_layer_weight: ``a_layer`` (spec F.3: 0.9).
         distill_num_layers: teacher layers drawn each step, one from each contiguous block (spec F.3: 4).
         transform_rank: LoRA rank of the layer transformation ``Tr`` (identity + LoRA, spec F.4: 8).
-        post_distill_lr_ratio: learning-rate factor for task-loss fine-tuning after distillation (spec F.2: 0.1).
+        post_distill_lr_ratio: peak learning-rate factor of the task-loss fine-tuning after distillation, which gets
+            a fresh schedule: 6 % warm-up, then linear decay to the end of training (spec F.2: 0.1).
     """
 
     r: int = field(default=8, metadata={"help": "Initial adapter rank."})

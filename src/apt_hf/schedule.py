@@ -7,7 +7,8 @@ Every function here is pure (no model, no global state).  Steps are optimizer st
 * D.3 -- the mask-decay window before each event;
 * D.1 step 5 -- the +/- ``decay`` mask move and the hard 0/1 at the event;
 * E.2 -- the linear adapter-parameter budget;
-* F.3 -- the distillation weight ``mu``.
+* F.3 -- the distillation weight ``mu``;
+* F.2 -- the learning-rate factor of the post-distillation fine-tuning.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "target_density",
     "adapter_budget",
     "distill_mu",
+    "post_distill_lr_factor",
     "decay_window_start",
     "mask_step",
 ]
@@ -129,6 +131,28 @@ def distill_mu(step: int, *, start: int, end: int) -> float:
     """
     _check_window(start, end)
     return min(1.0, max(0.0, (step - start) / (end - start)))
+
+
+def post_distill_lr_factor(step: int, *, end: int, total: int, warmup_ratio: float = 0.06) -> float:
+    """Learning-rate factor (of the peak) for optimizer step ``step`` after distillation (spec F.2).
+
+    The post-distillation phase is steps ``end + 1 .. total``, ``P = total - end`` of them, and gets a fresh
+    schedule: linear warm-up over ``W = ceil(warmup_ratio * P)`` steps, then linear decay to 0, i.e. transformers'
+    ``get_linear_schedule_with_warmup`` evaluated at ``c = step - end - 1``: ``c / W`` while ``c < W``, then
+    ``(P - c) / (P - W)``.  The caller multiplies by the peak rate and ``post_distill_lr_ratio``.
+
+    Raises:
+        ValueError: if ``step`` is not in ``end + 1 .. total`` or ``warmup_ratio`` is not in ``[0, 1)``.
+    """
+    if not end < step <= total:
+        raise ValueError(f"step {step} is outside the post-distillation phase (steps {end + 1} to {total}).")
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1) (got {warmup_ratio}); the reference uses 0.06.")
+    phase, c = total - end, step - end - 1
+    warmup = math.ceil(warmup_ratio * phase)
+    if c < warmup:
+        return c / warmup
+    return max(0.0, (phase - c) / (phase - warmup))
 
 
 def decay_window_start(event_step: int, previous_event_step: int | None, window: int, first_start: int) -> int:

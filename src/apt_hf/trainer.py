@@ -2,8 +2,9 @@
 
 Phases (spec F.2), all in optimizer steps: plain tuning -> distillation from the step after the first event whose
 target density is < 1 until ``distill_end`` (``L = mu L_distill + (1 - mu) L_task``, mu linear over the pruning
-window, spec F.3) -> task-loss fine-tuning of the pruned model at ``post_distill_lr_ratio`` x the learning rate (the
-same optimizer and schedule, scaled). ``Trainer.train()`` is not altered.
+window, spec F.3) -> task-loss fine-tuning of the pruned model with a fresh schedule (spec F.2: 6 % warm-up, then
+linear decay) peaking at ``post_distill_lr_ratio`` x the learning rate, on the same optimizer. ``Trainer.train()``
+is not altered.
 
 Under DistributedDataParallel, ``APTTrainer`` hands the callback a ``rebuild_wrapper`` that re-initialises the
 Trainer's DDP wrapper in place after every event that replaced parameters (see :mod:`apt_hf.distributed`).
@@ -24,7 +25,7 @@ from .callback import APTCallback, _steps
 from .distill import (Teacher, alive_layers, default_pred_weight, layer_loss, prediction_loss,
                       sample_teacher_layers)
 from .model import APTModel, find_apt_model
-from .schedule import distill_mu
+from .schedule import distill_mu, post_distill_lr_factor
 
 logger = logging.getLogger(__name__)
 DISTILL_STATE_FILE = "apt_distill.pt"
@@ -129,16 +130,25 @@ class DistillCallback(TrainerCallback):
                 self._refresh(model, optimizer)
         if step == self.end:
             self.apt_callback.remove_pruned(optimizer)
-            ratio = self.apt_callback.config.post_distill_lr_ratio
-            for group in _unwrap(optimizer, "optimizer").param_groups:
-                group["lr"] *= ratio
-            sched = _unwrap(lr_scheduler, "scheduler")
-            if hasattr(sched, "base_lrs"):
-                sched.base_lrs = [lr * ratio for lr in sched.base_lrs]
-            if getattr(sched, "_last_lr", None) is not None:  # what Trainer logs as the next step's learning_rate
-                sched._last_lr = [lr * ratio for lr in sched._last_lr]
-            logger.warning("APT distillation ended at step %d; fine-tuning at %.2fx learning rate.", step, ratio)
+            logger.warning("APT distillation ended at step %d; fine-tuning with a fresh schedule at %.2fx the peak "
+                           "learning rate.", step, self.apt_callback.config.post_distill_lr_ratio)
+        if self.end <= step < state.max_steps:
+            self._set_post_distill_lr(step + 1, state.max_steps, args, optimizer, lr_scheduler)
         return control
+
+    def _set_post_distill_lr(self, step: int, total: int, args, optimizer, lr_scheduler) -> None:
+        """Spec F.2: after distillation, peak LR x ``post_distill_lr_ratio`` with a fresh 6 % warm-up and linear
+        decay to the end of training. Set after the Trainer's own scheduler step, so it is the rate the next
+        optimizer step uses (and the one checkpoints save); whatever scheduler the Trainer built keeps running
+        underneath and is overridden here each step."""
+        factor = self.apt_callback.config.post_distill_lr_ratio * post_distill_lr_factor(step, end=self.end,
+                                                                                         total=total)
+        groups = _unwrap(optimizer, "optimizer").param_groups
+        for group in groups:  # initial_lr: each group's peak, recorded by torch's LR schedulers
+            group["lr"] = group.get("initial_lr", args.learning_rate) * factor
+        sched = _unwrap(lr_scheduler, "scheduler")
+        if getattr(sched, "_last_lr", None) is not None:  # what Trainer logs as the learning_rate
+            sched._last_lr = [group["lr"] for group in groups]
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         if not self._awaiting_eval or metrics is None:
