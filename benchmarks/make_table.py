@@ -66,7 +66,7 @@ def seed_table(paths: list[Path]) -> str:
     tables = [{r["method"]: r for r in d["table"]} for d in runs]
     methods = [m for m in tables[0] if all(m in t for t in tables)]
     ft_mean = statistics.mean(t["ft"]["best_metric"] for t in tables)
-    lines = [f"`{d['meta']['command']}`" for d in runs] + [
+    lines = [f"- `{d['meta']['command']}`" for d in runs] + [
         "", f"| method | best dev, seeds {' / '.join(seeds)} | mean ± sd | mean / FT mean | seeds reaching 97 % of FT |",
         "|---|---|---|---|---|"]
     for m in methods:

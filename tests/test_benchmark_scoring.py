@@ -79,7 +79,7 @@ def test_seed_table(tmp_path):
         path.write_text(json.dumps({"meta": {"command": f"run {seed}", "args": {"seed": seed}}, "table": table}))
         paths.append(path)
     lines = make_table.seed_table(paths).splitlines()
-    assert lines[:2] == ["`run 42`", "`run 43`"] and "seeds 42 / 43" in lines[3]
+    assert lines[:2] == ["- `run 42`", "- `run 43`"] and "seeds 42 / 43" in lines[3]
     rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[5:]}
     assert set(rows) == {"ft", "apt"}
     assert rows["apt"] == "| apt | 0.8800 / 0.7000 | 0.7900 ± 0.1273 | 0.929 | 1 of 2 |"
