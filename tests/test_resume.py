@@ -43,7 +43,7 @@ CASES = {
     "after_event": 13,  # first event: blocks zero-masked but held (distillation), ranks grown, teacher taken at 8
     "window_in_distill": 19,  # fractional masks on a model pruned physically at the refresh of step 17
     "distill": 33,  # after the third event (held), teacher refreshed at 26 on the physically pruned model
-    "after_distill": 62,  # after the 0.1x learning-rate drop at step 60
+    "after_distill": 62,  # inside the fresh post-distillation LR schedule (0.1x peak) that starts after step 60
 }
 
 
