@@ -20,9 +20,9 @@ and loads back with ``apt_hf.load_pruned``.
 APT schedule: ``pruning_start``, ``pruning_end``, ``sparsity_warmup`` and ``distill_end`` accept a step count
 (``200``) or a fraction of the run's optimizer steps (``0.6``, written with a decimal point). The defaults here
 suit a short run: prune between 5 % and 60 % of training in 5 events, self-distil while pruning, and give the last
-40 % of training to task-loss fine-tuning of the pruned model. ``APTConfig``'s own defaults follow the paper's 40-epoch schedule. Without ``--mask_decay_window`` the
-masks move during ``min(200, gap // 2)`` steps before each event, where ``gap`` is the number of steps between
-two events.
+40 % of training to task-loss fine-tuning of the pruned model. ``APTConfig``'s own defaults follow the paper's
+40-epoch schedule. Without ``--mask_decay_window`` the masks move during ``min(200, gap // 2)`` steps before each
+event, where ``gap`` is the number of steps between two events.
 
 Self-distillation is on by default, as in ``APTConfig``: from the first event to ``--distill_end`` the loss is
 ``mu L_distill + (1 - mu) L_task`` against a frozen snapshot of the model's own adapters, then the pruned model is
@@ -31,10 +31,10 @@ distilling, pruned blocks are only zero-masked and are removed physically at the
 ``--distill_end``, so the teacher keeps the structure it was snapshotted with. ``--distillation False`` is the
 paper's "w/o D_S" ablation.
 
-``--distill_end`` defaults to ``--pruning_end``, the end of the pruning window, where mu reaches 1. The paper distils far
-longer (to epoch 20 of 40, with mu = 1 after the window), but its teacher has trained for over an epoch of the full
-task before pruning starts. In a run of a few hundred steps the teacher is an early, weak snapshot, and distilling
-from it after the window caps the student at the teacher's accuracy (README, Results).
+``--distill_end`` defaults to ``--pruning_end``, the end of the pruning window, where mu reaches 1. The paper
+distils far longer (to epoch 20 of 40, with mu = 1 after the window), but its teacher has trained for over an epoch
+of the full task before pruning starts. In a run of a few hundred steps the teacher is an early, weak snapshot, and
+distilling from it after the window caps the student at the teacher's accuracy (README, Results).
 
 Without ``--learning_rate``, APT and LoRA use 5e-4 (adapters and the task head) and full fine-tuning 5e-5.
 """
