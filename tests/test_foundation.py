@@ -104,6 +104,25 @@ def test_export_is_exact(kind, attn, tmp_path):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", ["llama_mha", "llama_gqa"])
+def test_generation_with_an_emptied_layer_is_exact(kind, attn, tmp_path):
+    """Greedy generation with a key/value cache: layer 0 (whose cache length sets the positions) lost every head."""
+    pm, inputs, _, _ = masked_model(kind, attn)
+    prompt = {k: v[:1] for k, v in inputs.items()}
+
+    def generate(model):
+        with torch.no_grad():
+            return model.generate(**prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+                                  output_logits=True, pad_token_id=0)
+
+    ref = generate(pm)
+    for model in (apt_hf.export_pruned(pm, tmp_path / "export"), apt_hf.load_pruned(tmp_path / "export")):
+        out = generate(model)
+        assert torch.equal(out.sequences, ref.sequences)
+        assert max(float((a - b).abs().max()) for a, b in zip(out.logits, ref.logits)) <= TOL
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("kind", EXACT_KINDS)
 def test_prune_in_place_is_exact(kind, attn):
     pm, inputs, ref, written = masked_model(kind, attn)
@@ -391,6 +410,23 @@ def test_count_params_llama_gqa_is_exact():
     expected = apt_hf.count_params(pm)
     apt.prune_to_masks()
     assert apt_hf.count_params(pm) == true_main() == expected < apt.n_params
+
+
+def test_count_params_on_meta_device_needs_no_weights():
+    """A LLaMA-2-7B-shaped model built on the meta device: counting reads shapes and masks, never weights."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=32)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    pm = peft.get_peft_model(model, apt_hf.APTConfig(task_type="CAUSAL_LM"))
+    assert next(pm.parameters()).is_meta
+    main = sum(p.numel() for n, p in model.model.named_parameters() if ".apt_" not in n and "embed_tokens" not in n)
+    assert apt_hf.count_params(pm) == apt_hf.find_apt_model(pm).n_params == main == 6_476_271_616  # spec B.3
+    masks = apt_hf.get_masks(pm)
+    masks.heads[0][:8] = 0  # 8 heads of layer 0: 8 * 4 * 4096 * 128 parameters
+    assert apt_hf.count_params(pm) == main - 8 * 4 * 4096 * 128
 
 
 # ------------------------------------------------------------------------------------------------ 5. config

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 import os
 import shutil
 import tempfile
@@ -203,7 +204,7 @@ def test_adapter_budget_hostile(step, start, end, initial, ratio):
     except ValueError:
         assert start < 0 or end <= start or initial < 0 or not (math.isfinite(ratio) and ratio > 0)
         return
-    lo, hi = sorted([initial, initial * ratio])
+    lo, hi = sorted([initial, initial * Fraction(ratio)])  # exact: a float product can round past the floor
     assert isinstance(b, int) and math.floor(lo) <= b <= math.ceil(hi)
 
 

@@ -77,6 +77,8 @@ class APTModel(BaseTuner):
         heads, neurons, hidden = sizes_of(layout)
         masks = APTMasks(heads, neurons, hidden)
         device = next(model.parameters()).device
+        if device.type == "meta":  # masks are tiny and must hold values (count_params of a weight-less model)
+            device = torch.device("cpu")
         setattr(self, MASKS_ATTR, masks.to(device))
         self.register_buffer(BASE_SIZES_ATTR, torch.tensor(heads + neurons + [hidden], dtype=torch.long,
                                                            device=device))

@@ -14,7 +14,7 @@ from torch import nn
 from .arch import AttentionSite, FFNSite, Layout, base_linear
 from .layer import APTLinear, ParamChange, replace_param, select_linear
 from .masks import APTMasks
-from .t5 import prune_attention as prune_t5_attention
+from .t5 import cache_argument, prune_attention as prune_t5_attention
 
 
 class EmptyAttention(nn.Module):
@@ -36,7 +36,7 @@ class EmptyAttention(nn.Module):
         empty = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
         if self.family == "bert":
             return empty, None
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         if cache is not None:
             b, t = hidden_states.shape[:2]
             kv = hidden_states.new_zeros(b, 0, t, self.head_dim)

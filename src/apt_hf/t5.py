@@ -32,6 +32,13 @@ from transformers.models.t5.modeling_t5 import T5Attention
 KEPT_BUFFER = "apt_kept_heads"
 
 
+def cache_argument(kwargs: dict):
+    """The key/value cache handed to an attention module: ``cache`` since transformers 5.24, ``past_key_values``
+    before (the attention classes of both releases are called with one or the other)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 def _original_heads(module: T5Attention) -> int:
     return int(module.config.num_heads)
 
@@ -65,16 +72,14 @@ class PrunedT5Attention(T5Attention):
         self.__dict__["_apt_full_bias"] = full
         return _select_heads(self, full)
 
-    def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, past_key_values=None,
-                **kwargs):
+    def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, **kwargs):
         incoming = position_bias
         self.__dict__["_apt_full_bias"] = None
         if incoming is not None:
             position_bias = _select_heads(self, incoming)
         try:
             out, used, weights = super().forward(hidden_states, mask=mask, key_value_states=key_value_states,
-                                                 position_bias=position_bias, past_key_values=past_key_values,
-                                                 **kwargs)
+                                                 position_bias=position_bias, **kwargs)
             if incoming is not None:
                 full = incoming
             elif self.__dict__["_apt_full_bias"] is not None:
@@ -90,15 +95,15 @@ class PrunedT5Attention(T5Attention):
 class EmptyT5Attention(T5Attention):
     """A ``T5Attention`` with no heads left: outputs ``o`` of nothing, still provides the shared position bias."""
 
-    def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, past_key_values=None,
-                **kwargs):
+    def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, **kwargs):
         batch, q_len = hidden_states.shape[:2]
         is_cross = key_value_states is not None
         key_length = key_value_states.shape[1] if is_cross else q_len
         past_seen = 0
-        if past_key_values is not None and not is_cross:
-            cache = (past_key_values.self_attention_cache if isinstance(past_key_values, EncoderDecoderCache)
-                     else past_key_values)
+        cache = cache_argument(kwargs)
+        if cache is not None and not is_cross:
+            if isinstance(cache, EncoderDecoderCache):
+                cache = cache.self_attention_cache
             past_seen = cache.get_seq_length(self.layer_idx)
             # A one-element placeholder per position keeps this layer's cache length (an empty tensor reads as 0).
             placeholder = hidden_states.new_zeros(batch, 1, q_len, 1)
