@@ -8,6 +8,7 @@ machine shared with other processes, tiny matrix products are ~8x faster single-
 
 from __future__ import annotations
 
+import logging
 import math
 from types import SimpleNamespace
 from typing import Optional
@@ -620,6 +621,42 @@ def test_non_finite_salience_step_is_skipped(tmp_path, monkeypatch):
     logged = [h["apt/salience_skipped"] for h in tr.state.log_history if "apt/salience_skipped" in h]
     assert logged and logged[-1] == 1 and logged[0] == 0
     assert tr.state.global_step == MAX_STEPS and 0.99 * 0.4 <= density(pm) <= 0.4
+
+
+class PoisonAdapters(TrainerCallback):
+    """Write NaN into every adapter factor at the end of ``step`` (a diverged run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if ".apt_" in name:
+                        p.fill_(float("nan"))
+        return control
+
+
+def test_diverged_run_is_stopped(tmp_path):
+    """NaN weights mid-run: the run stops with a clear error instead of pruning on frozen salience to the end."""
+    pm = apt_model("bert")
+    tr = Trainer(model=pm, args=make_args(tmp_path), train_dataset=TokenTask(),
+                 callbacks=[APTCallback(max_nonfinite_steps=5), PoisonAdapters(15)])
+    with pytest.raises(apt_hf.TrainingDivergedError, match="5 consecutive optimizer steps"):
+        tr.train()
+    assert tr.state.global_step == 19  # steps 16..20 were not finite; the 5th stops the run
+
+
+def test_event_on_stale_salience_is_flagged(tmp_path, caplog):
+    pm = apt_model("bert")
+    cb = APTCallback(max_nonfinite_steps=1000)
+    tr = Trainer(model=pm, args=make_args(tmp_path), train_dataset=TokenTask(), callbacks=[cb, PoisonAdapters(15)])
+    with caplog.at_level(logging.WARNING, logger="apt_hf.callback"):
+        tr.train()
+    stale = [r.getMessage() for r in caplog.records if "acts on salience last updated at step 15" in r.getMessage()]
+    assert len(stale) == 3  # the events at 22, 31 and 40
+    assert cb.salience_step == 15
 
 
 # ================================================================================================ 7. errors

@@ -479,6 +479,17 @@ def test_teacher_state_dict_round_trip():
                           atol=1e-6, rtol=0)
 
 
+def test_teacher_state_from_another_model_is_refused():
+    pm, _, teacher = _bert_with_teacher()
+    params = dict(pm.named_parameters())
+    state = teacher.state_dict({id(p): n for n, p in pm.named_parameters()})
+    name = next(iter(state))
+    with pytest.raises(ValueError, match="does not have"):
+        Teacher().load_state_dict({**state, "base_model.model.extra.apt_A": state[name]}, params)
+    with pytest.raises(ValueError, match="larger than"):
+        Teacher().load_state_dict({**state, name: torch.zeros(*(n + 1 for n in state[name].shape))}, params)
+
+
 # ================================================================================================ phases (F.2)
 @pytest.mark.parametrize("kind", ["bert", "llama_gqa", "t5"])
 def test_training_phases(kind, tmp_path):

@@ -478,3 +478,47 @@ def test_export_with_fractional_hidden_mask_is_refused(value, tmp_path):
     masks.hidden[3] = 0.0  # binary again: the export works and the training model is untouched
     apt_hf.export_pruned(pm, tmp_path / "out")
     assert apt_hf.get_masks(pm).hidden.numel() == 32
+
+
+# ================================================================================================ saved adapters
+@pytest.fixture(scope="module")
+def pruned_adapter(tmp_path_factory):
+    """A saved APT adapter of a tiny BERT whose random masks were applied physically."""
+    pm = wrap("bert")
+    random_masks(pm, seed=2)
+    apt_hf.find_apt_model(pm).prune_to_masks()
+    folder = tmp_path_factory.mktemp("adapter")
+    pm.save_pretrained(folder)
+    return folder
+
+
+def _tampered(folder: Path, tmp_path: Path, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "tampered"
+    shutil.copytree(folder, out)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    edit({k.split("apt_masks.", 1)[1]: k for k in tensors if "apt_masks." in k}, tensors)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def _set(name, fn):
+    def edit(keys, tensors):
+        tensors[keys[name]] = fn(tensors[keys[name]])
+    return edit
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_set("kept_heads_1", lambda t: t.flip(0)), "increasing order"),
+    (_set("kept_heads_1", lambda t: torch.cat([t[:1], t[:1], t[2:]])), "increasing order"),
+    (_set("kept_neurons_2", lambda t: t.float() + 0.5), "integer tensor"),
+    (_set("hidden", lambda t: torch.where(torch.arange(len(t)) == 3, float("nan"), t)), "outside \\[0, 1\\]"),
+    (_set("neurons_0", lambda t: t * 2), "outside \\[0, 1\\]"),
+    (_set("heads_2", lambda t: t[:-1]), "length"),
+])
+def test_tampered_adapter_records_are_refused(pruned_adapter, tmp_path, edit, message):
+    """Duplicate, permuted or fractional kept records and NaN / out-of-range masks never load silently."""
+    peft.PeftModel.from_pretrained(make_model("bert"), pruned_adapter)  # the untouched adapter loads
+    with pytest.raises(ValueError, match=message):
+        peft.PeftModel.from_pretrained(make_model("bert"), _tampered(pruned_adapter, tmp_path, edit))

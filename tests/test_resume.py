@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 import apt_hf
-from apt_hf.callback import STATE_FILE, APTCallback
-from apt_hf.trainer import DISTILL_STATE_FILE
+from apt_hf import checkpoint
+from apt_hf.callback import APTCallback
 
 MAX_STEPS = 70
 R = 8
@@ -116,7 +116,7 @@ class Recorder(TrainerCallback):
         }
         distiller = getattr(self.trainer, "distiller", None)
         if distiller is not None and distiller.enabled:
-            state = distiller.state_dict(model)
+            state = distiller.state_dict()
             snap["teacher"] = {k: v.clone() for k, v in state["teacher"].items()}
             snap["refreshes"] = state["refreshes"]
         return snap
@@ -182,6 +182,25 @@ def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
+def training_state(folder: Path) -> dict:
+    """The APT training state a checkpoint's adapter file carries (apt_hf.checkpoint)."""
+    tensors = checkpoint_tensors(folder)
+    return checkpoint.decode({k: v for k, v in tensors.items() if k.startswith(checkpoint.PREFIX)})
+
+
+def strip_training_state(folder: Path, component: Optional[str] = None) -> None:
+    """Rewrite a checkpoint's adapter file without its APT training state (or without one component of it)."""
+    from safetensors.torch import save_file
+
+    tensors = checkpoint_tensors(folder)
+    rest = {k: v for k, v in tensors.items() if not k.startswith(checkpoint.PREFIX)}
+    if component is not None:
+        tree = training_state(folder)
+        del tree[component]
+        rest.update(checkpoint.encode(tree))
+    save_file(rest, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
 def masks_in(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return [v for k, v in tensors.items() if ".apt_masks." in k and ".kept_" not in k]
 
@@ -214,7 +233,10 @@ def test_resume_is_exact(case, reference, checkpoints, tmp_path):
     ref_final, ref_rec = reference
     out, ck_rec, _ = checkpoints
     folder = out / f"checkpoint-{step}"
-    assert (folder / STATE_FILE).is_file() and (folder / DISTILL_STATE_FILE).is_file()
+    tree = training_state(folder)
+    assert set(tree) == {"format_version", "pruning", "distillation"} and tree["pruning"]["step"] == step
+    assert not list(folder.glob("*.pt*")) or {p.name for p in folder.glob("*.pt*")} <= {
+        "optimizer.pt", "scheduler.pt", "rng_state.pth"}, "APT writes no pickle files"
     saved = checkpoint_tensors(folder)
     masks = masks_in(saved)
     kept_heads = [v for k, v in saved.items() if ".apt_masks.kept_heads_" in k]
@@ -226,7 +248,7 @@ def test_resume_is_exact(case, reference, checkpoints, tmp_path):
         assert fractional, "checkpoint inside a mask-decay window should hold fractional masks"
     else:
         assert not fractional
-    events_done = torch.load(folder / STATE_FILE, weights_only=False)["events_done"]
+    events_done = tree["pruning"]["events_done"]
     assert events_done == sum(e <= step for e in EVENTS)
     if step >= EVENTS[0]:
         assert max(ck_rec.at[step]["ranks"].values()) > R, "ranks should have grown at the first event"
@@ -255,12 +277,16 @@ def test_resume_is_exact(case, reference, checkpoints, tmp_path):
         for x, y in zip(at[key], begin[key]):
             assert torch.equal(x, y)
     assert torch.equal(at["hidden"], begin["hidden"])
-    # Teacher snapshot restored exactly: equal to the file and to the live teacher of the checkpointing run.
-    teacher_file = torch.load(folder / DISTILL_STATE_FILE, weights_only=False)
+    # Teacher snapshot restored exactly: equal to the file and to the live teacher of the checkpointing run; after
+    # distillation has ended no teacher is saved (nor needed).
+    teacher_file = tree["distillation"]
     assert begin["refreshes"] == at["refreshes"] == teacher_file["refreshes"]
-    assert_same_tensors(teacher_file["teacher"], begin["teacher"], "restored teacher vs file")
-    assert_same_tensors(at["teacher"], begin["teacher"], "restored teacher vs saved run")
-    if step >= DISTILL[0]:
+    if step >= DISTILL[1]:
+        assert teacher_file["teacher"] == {} and begin["teacher"] == {}
+    else:
+        assert_same_tensors(teacher_file["teacher"], begin["teacher"], "restored teacher vs file")
+        assert_same_tensors(at["teacher"], begin["teacher"], "restored teacher vs saved run")
+    if DISTILL[0] <= step < DISTILL[1]:
         assert begin["teacher"], "a run resumed during distillation must have its teacher back"
 
     assert_same_run(ref_final, final_state(tr, pm))
@@ -293,15 +319,15 @@ def stock_checkpoint(tmp_path_factory):
 
 
 def test_stock_trainer_with_callback_resumes_exactly(stock_checkpoint, tmp_path):
-    """``transformers.Trainer`` + ``APTCallback()``: the callback finds ``checkpoint-<step>/apt_state.pt`` inside
-    output_dir by itself, and the resumed run matches an uninterrupted stock run."""
+    """``transformers.Trainer`` + ``APTCallback()``: the callback's state comes back with the adapter the Trainer
+    loads, and the resumed run matches an uninterrupted stock run."""
     ref_tr, ref_pm, _ = train(stock_model, tmp_path / "ref", trainer_cls=Trainer, callbacks=[APTCallback()])
     ref = final_state(ref_tr, ref_pm)
     assert_same_run(ref, stock_checkpoint[1])  # saving did not change the run
     out = tmp_path / "run"
     shutil.copytree(stock_checkpoint[0], out / stock_checkpoint[0].name)
     folder = out / f"checkpoint-{STOCK_STEP}"
-    assert (folder / STATE_FILE).is_file() and not (folder / DISTILL_STATE_FILE).exists()
+    assert set(training_state(folder)) == {"format_version", "pruning"}
     assert any(bool(((m > 0) & (m < 1)).any()) for m in masks_in(checkpoint_tensors(folder)))
     tr, pm, rec = train(stock_model, out, trainer_cls=Trainer, callbacks=[APTCallback()], resume=True)
     assert max(rec.begin["ranks"].values()) > R  # restarted from the pruned, grown checkpoint
@@ -312,21 +338,23 @@ def test_stock_trainer_with_callback_resumes_exactly(stock_checkpoint, tmp_path)
 def test_stock_trainer_missing_apt_state(stock_checkpoint, tmp_path):
     work = tmp_path / "run"
     shutil.copytree(stock_checkpoint[0], work / stock_checkpoint[0].name)
-    os.remove(work / stock_checkpoint[0].name / STATE_FILE)
-    with pytest.raises(FileNotFoundError, match=STATE_FILE):
+    strip_training_state(work / stock_checkpoint[0].name)
+    with pytest.raises(checkpoint.CheckpointError, match="carries no APT training state"):
         train(stock_model, work, trainer_cls=Trainer, callbacks=[APTCallback()], resume=True)
 
 
 # ================================================================================================ broken checkpoints
-@pytest.mark.parametrize("missing", [STATE_FILE, DISTILL_STATE_FILE])
-def test_missing_state_file_during_distillation_is_named(missing, checkpoints, tmp_path):
-    """A checkpoint taken while distilling but without apt_state.pt / apt_distill.pt must not resume with a restarted
-    schedule or with distillation silently off (no teacher until the next refresh)."""
+@pytest.mark.parametrize("missing,message", [(None, "holds no APT training state"),
+                                             ("pruning", "carries no APT training state"),
+                                             ("distillation", "carries no teacher")])
+def test_missing_training_state_during_distillation_is_named(missing, message, checkpoints, tmp_path):
+    """A checkpoint taken while distilling but without APT's state (or without the teacher) must not resume with a
+    restarted schedule or with distillation silently off (no teacher until the next refresh)."""
     out, _, _ = checkpoints
     folder = tmp_path / "ckpt"
     shutil.copytree(out / f"checkpoint-{CASES['distill']}", folder)
-    os.remove(folder / missing)
-    with pytest.raises(FileNotFoundError, match=missing):
+    strip_training_state(folder, missing)
+    with pytest.raises(checkpoint.CheckpointError, match=message):
         train(bert_model, tmp_path / "resumed", resume=str(folder))
 
 
@@ -387,3 +415,126 @@ def test_llama_gqa_resume_after_event(tmp_path):
     tr, pm, rec = train(llama_model, tmp_path / "resumed", resume=str(folder))
     assert rec.begin["teacher"]
     assert_same_run(ref, final_state(tr, pm))
+
+
+# ================================================================================================ crashes and files
+CRASH_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+import transformers
+from transformers import TrainerCallback
+from test_resume import bert_model, train
+
+class CrashOnSave(TrainerCallback):
+    # runs after Trainer._save_checkpoint has written checkpoint-{step} and rotated the older ones away
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == {step}:
+            os._exit(3)
+
+transformers.logging.set_verbosity_error()
+train(bert_model, {out!r}, save_at=({first}, {step}), save_total_limit=1, callbacks=[CrashOnSave()])
+"""
+
+
+def test_crash_after_checkpoint_rotation_resumes_exactly(reference, tmp_path):
+    """save_total_limit=1: the Trainer deletes the older checkpoint before the callbacks' on_save runs. A process
+    killed right there still leaves a complete checkpoint (APT's state is inside its adapter file), and
+    ``resume_from_checkpoint=True`` continues exactly as the uninterrupted run."""
+    import subprocess
+    import sys
+
+    out, step = tmp_path / "run", CASES["distill"]
+    code = CRASH_SCRIPT.format(tests=str(Path(__file__).parent), step=step, first=CASES["after_event"], out=str(out))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == [f"checkpoint-{step}"]
+    tr, pm, rec = train(bert_model, out, resume=True)
+    assert rec.begin["teacher"]
+    assert_same_run(reference[0], final_state(tr, pm))
+
+
+def test_resume_true_skips_a_half_written_checkpoint(reference, checkpoints, tmp_path, caplog):
+    """A crash while the Trainer was writing the newest checkpoint (no trainer_state.json yet, or a truncated adapter
+    file): ``True`` falls back to the newest complete one and says which folder it skipped and why."""
+    out, _, _ = checkpoints
+    work = tmp_path / "run"
+    for case in ("after_event", "distill"):
+        shutil.copytree(out / f"checkpoint-{CASES[case]}", work / f"checkpoint-{CASES[case]}")
+    newest = work / f"checkpoint-{CASES['distill']}"
+    os.remove(newest / "trainer_state.json")
+    with caplog.at_level("WARNING", logger="apt_hf.trainer"):
+        tr, pm, rec = train(bert_model, work, resume=True)
+    assert any(f"skipping checkpoint {newest}" in r.getMessage() and "trainer_state.json" in r.getMessage()
+               for r in caplog.records)
+    assert rec.begin["params"] == checkpoints[1].at[CASES["after_event"]]["params"]
+    assert_same_run(reference[0], final_state(tr, pm))
+
+
+def test_truncated_adapter_file_is_named(checkpoints, tmp_path):
+    out, _, _ = checkpoints
+    folder = tmp_path / "ckpt"
+    shutil.copytree(out / f"checkpoint-{CASES['distill']}", folder)
+    path = folder / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="adapter_model.safetensors cannot be read"):
+        train(bert_model, tmp_path / "resumed", resume=str(folder))
+    with pytest.raises(checkpoint.CheckpointError, match="No complete APT checkpoint"):
+        train(bert_model, tmp_path, resume=True)  # tmp_path holds only the broken checkpoint
+
+
+def test_pickled_files_in_a_checkpoint_are_never_loaded(reference, checkpoints, tmp_path):
+    """Earlier releases kept APT state in pickled ``apt_state.pt`` / ``apt_distill.pt``. A crafted one (code run on
+    unpickling) in a checkpoint folder is ignored: nothing apt_hf loads can execute code."""
+    out, _, _ = checkpoints
+    folder = tmp_path / "ckpt"
+    shutil.copytree(out / f"checkpoint-{CASES['distill']}", folder)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for name in ("apt_state.pt", "apt_distill.pt"):
+        torch.save({"events_done": Payload()}, folder / name)
+    tr, pm, _ = train(bert_model, tmp_path / "resumed", resume=str(folder))
+    assert not marker.exists()
+    assert_same_run(reference[0], final_state(tr, pm))
+
+
+def test_stock_trainer_reads_the_checkpoint_it_resumes(stock_checkpoint, tmp_path):
+    """Resuming ``A/checkpoint-19`` with ``output_dir=B`` that holds another run's ``checkpoint-19``: APT's state
+    comes from A's folder (the one the Trainer loads), and an adapter / trainer-state pair from different steps is
+    refused instead of resuming a silently different run."""
+    folder, ref = stock_checkpoint
+    other = tmp_path / "B"
+    decoy = other / folder.name
+    shutil.copytree(folder, decoy)
+    tree = training_state(decoy)
+    tree["pruning"]["salience"]["heads"] = [torch.rand_like(t) for t in tree["pruning"]["salience"]["heads"]]
+    tree["pruning"]["events_done"] = 0
+    tensors = {k: v for k, v in checkpoint_tensors(decoy).items() if not k.startswith(checkpoint.PREFIX)}
+    from safetensors.torch import save_file
+    save_file({**tensors, **checkpoint.encode(tree)}, str(decoy / "adapter_model.safetensors"))
+    tr, pm, _ = train(stock_model, other, trainer_cls=Trainer, callbacks=[APTCallback()], resume=str(folder))
+    assert_same_run(ref, final_state(tr, pm))
+
+    mixed = tmp_path / "mixed" / folder.name
+    shutil.copytree(folder, mixed)
+    state = json.loads((mixed / "trainer_state.json").read_text())
+    state["global_step"] = 13
+    (mixed / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(checkpoint.CheckpointError, match="saved at step 19, but the Trainer resumes at step 13"):
+        train(stock_model, tmp_path / "C", trainer_cls=Trainer, callbacks=[APTCallback()], resume=str(mixed))
+
+
+def test_load_best_model_at_end_is_refused_at_train_start(tmp_path):
+    pm = bert_model()
+    args = make_args(tmp_path, load_best_model_at_end=True, eval_strategy="steps", eval_steps=10,
+                     save_strategy="steps", save_steps=10)
+    tr = apt_hf.APTTrainer(model=pm, args=args, train_dataset=TokenTask(), eval_dataset=TokenTask(n=16))
+    with pytest.raises(ValueError, match="load_best_model_at_end"):
+        tr.train()
+    assert tr.state.global_step == 0

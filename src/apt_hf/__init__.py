@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .callback import APTCallback
+from .callback import APTCallback, TrainingDivergedError
+from .checkpoint import CheckpointError
 from .config import APT_PEFT_TYPE, APTConfig
 from .export import export_pruned, load_pruned
 from .layer import APTLinear
@@ -41,5 +42,6 @@ def count_params(model: nn.Module) -> int:
     return find_apt_model(model).count_params()
 
 
-__all__ = ["APTCallback", "APTConfig", "APTTrainer", "find_apt_model", "APTLinear", "APTMasks", "APTModel", "count_params", "export_pruned", "get_masks",
-           "load_pruned", "__version__"]
+__all__ = ["APTCallback", "APTConfig", "APTTrainer", "find_apt_model", "APTLinear", "APTMasks", "APTModel",
+           "CheckpointError", "TrainingDivergedError", "count_params", "export_pruned", "get_masks", "load_pruned",
+           "__version__"]

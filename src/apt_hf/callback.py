@@ -19,14 +19,13 @@ event (see :mod:`apt_hf.distributed`); FSDP, DeepSpeed and other setups are refu
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 from transformers import TrainerCallback
 
-from . import distributed
+from . import checkpoint, distributed
 from .config import APTConfig
 from .model import APTModel, find_apt_model
 from .optim import apply_param_changes, drop_params
@@ -37,7 +36,11 @@ from .search import fill_budget, search_kept
 from .tuning import adapter_size, grow_ranks, live_widths, plan_rank_growth
 
 logger = logging.getLogger(__name__)
-STATE_FILE = "apt_state.pt"
+STATE_NAME = "pruning"  # this callback's entry in the checkpoint's APT training state (apt_hf.checkpoint)
+
+
+class TrainingDivergedError(RuntimeError):
+    """Gradients stayed non-finite for too many optimizer steps: the run diverged and APT stops it."""
 
 
 @dataclass(frozen=True)
@@ -84,13 +87,21 @@ def resolve_plan(cfg: APTConfig, max_steps: int) -> Plan:
 class APTCallback(TrainerCallback):
     """Adaptive pruning and tuning for a Trainer whose model was wrapped with ``get_peft_model(.., APTConfig())``.
 
+    Its state (events done, salience and importance EMAs, held blocks) is saved inside every checkpoint's adapter
+    file and restored from the checkpoint the Trainer resumes (:mod:`apt_hf.checkpoint`).
+
     Args:
         config: the APT settings; ``None`` reads them from the model's adapter config at train start.
         adapter_name: the APT adapter to manage.
+        max_nonfinite_steps: stop the run with :class:`TrainingDivergedError` after this many consecutive optimizer
+            steps whose gradients are not finite (a diverged run; fp16 overflow skips only a step or two).
     """
 
-    def __init__(self, config: Optional[APTConfig] = None, adapter_name: str = "default") -> None:
-        self.config, self.adapter_name = config, adapter_name
+    def __init__(self, config: Optional[APTConfig] = None, adapter_name: str = "default",
+                 max_nonfinite_steps: int = 20) -> None:
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"APTCallback(max_nonfinite_steps={max_nonfinite_steps}) must be >= 1.")
+        self.config, self.adapter_name, self.max_nonfinite_steps = config, adapter_name, max_nonfinite_steps
         self.apt: Optional[APTModel] = None
         self.plan: Optional[Plan] = None
         self.collector: Optional[SalienceCollector] = None
@@ -98,8 +109,11 @@ class APTCallback(TrainerCallback):
         self.initial_adapter_size: Optional[int] = None
         self.events_done = 0
         self.salience_skipped = 0
+        self.nonfinite_streak = 0  # consecutive optimizer steps with non-finite gradients
+        self.salience_step = 0  # last step whose salience was folded into the EMA
+        self.step = 0  # last finished optimizer step (recorded with the state, checked on resume)
+        self.resumed: dict[str, Any] = {}  # the training state the resumed checkpoint carried, by component
         self._pending: dict[str, float] = {}
-        self._restored: Optional[dict] = None
         self.change_listeners: list = []  # called with the ParamChange list of every event (e.g. the teacher)
         # Set by APTTrainer's distillation: whether physical removal at the event of a given step is held back.
         self.hold_removal: Callable[[int], bool] = lambda step: False
@@ -120,14 +134,21 @@ class APTCallback(TrainerCallback):
         self.config = cfg
         if not self.apt.apt_layers():
             raise ValueError("The model has no APT adapter layers; check APTConfig.target_modules.")
+        if args.load_best_model_at_end and cfg.adaptive_pruning and cfg.target_sparsity > 0:
+            raise ValueError(
+                "TrainingArguments(load_best_model_at_end=True) cannot be used with APT pruning: the best checkpoint "
+                "usually predates later pruning events, and its structure can no longer be loaded into the pruned "
+                "model. Set load_best_model_at_end=False. To use a saved checkpoint, load it onto a fresh base model "
+                "with peft.PeftModel.from_pretrained(base, checkpoint) (the pruned structure is rebuilt) and export "
+                "that with apt_hf.export_pruned.")
         self.plan = resolve_plan(cfg, state.max_steps)
         use_kurtosis = cfg.use_kurtosis if cfg.use_kurtosis is not None else self.apt.layout.family == "llama"
         self.collector = SalienceCollector(self.apt.layout, cfg.salience_beta, use_kurtosis)
         self.importance = ImportanceTracker(cfg.salience_beta)
         self.initial_adapter_size = adapter_size(self.apt.apt_layers(), self.adapter_name)
-        restored = self._restored or self._find_checkpoint_state(args, state)
-        if restored is not None:
-            self.load_state_dict(restored)
+        self.step = self.salience_step = state.global_step
+        self._resume(state.global_step)
+        checkpoint.register(self.apt, STATE_NAME, self)
         logger.info("APT schedule: events at %s, windows from %s, final density %.3f", list(self.plan.events),
                     list(self.plan.windows), self.plan.final_density)
         self._pending.update(self.stats())
@@ -158,13 +179,22 @@ class APTCallback(TrainerCallback):
         ok = self.collector.end_step() if self.config.adaptive_pruning else True
         if ok and self.config.adaptive_tuning:
             ok = self.importance.update(self.apt.apt_layers())
-        if not ok:
-            self.salience_skipped += 1
-            logger.warning("APT: non-finite gradients at step %d; salience and importance left unchanged.", step)
+        if ok:
+            self.nonfinite_streak, self.salience_step = 0, step
+            return control
+        self.salience_skipped += 1
+        self.nonfinite_streak += 1
+        logger.warning("APT: non-finite gradients at step %d; salience and importance left unchanged.", step)
+        if self.nonfinite_streak >= self.max_nonfinite_steps:
+            raise TrainingDivergedError(
+                f"APT stopped the run at step {step}: gradients were not finite for {self.nonfinite_streak} "
+                "consecutive optimizer steps, so the model has diverged (NaN/inf weights or loss) and further pruning "
+                "would act on stale salience. Resume from an earlier checkpoint with a lower learning rate (or bf16 "
+                "instead of fp16); raise APTCallback(max_nonfinite_steps=...) if the overflows are expected.")
         return control
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        step = state.global_step
+        step = self.step = state.global_step
         k = next((i for i, e in enumerate(self.plan.events) if e >= step), None)
         if k is None or k < self.events_done:
             return control
@@ -256,6 +286,11 @@ class APTCallback(TrainerCallback):
 
     def _event(self, k: int, target: float, optimizer, prune_now: bool) -> None:
         apt, cfg = self.apt, self.config
+        stale = self.plan.events[k] - max(self.salience_step, self.plan.start)
+        if prune_now and stale > max(1, (self.plan.events[k] - self.plan.windows[k]) // 2):
+            logger.warning("APT event %d at step %d acts on salience last updated at step %d (%d steps ago): the "
+                           "gradients of the steps since were not finite. Check the loss for divergence.", k + 1,
+                           self.plan.events[k], self.salience_step, stale)
         before = list(apt.parameters())
         changes = []
         if prune_now:
@@ -324,13 +359,16 @@ class APTCallback(TrainerCallback):
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs besides weights and optimizer (saved in the adapter file)."""
         return {
+            "step": self.step,
             "events_done": self.events_done,
             "salience": self.collector.state_dict() if self.collector else None,
             "importance": dict(self.importance.scores) if self.importance else {},
             "initial_adapter_size": self.initial_adapter_size,
             "salience_skipped": self.salience_skipped,
-            "held": self.held,
+            "salience_step": self.salience_step,
+            "held": list(self.held) if self.held is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -340,30 +378,31 @@ class APTCallback(TrainerCallback):
         self.importance.scores = dict(state.get("importance", {}))
         self.initial_adapter_size = state["initial_adapter_size"]
         self.salience_skipped = state.get("salience_skipped", 0)
-        self.held = state.get("held")
+        self.salience_step = state.get("salience_step", self.step)
+        held = state.get("held")
+        self.held = (list(held[0]), list(held[1]), held[2]) if held is not None else None
 
-    def restore_from(self, checkpoint_dir: str) -> None:
-        """Use the APT state saved in ``checkpoint_dir`` when training (re)starts (called by ``APTTrainer.train``)."""
-        path = os.path.join(checkpoint_dir, STATE_FILE)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{checkpoint_dir} has no {STATE_FILE}: it was not saved with APTCallback, so the "
-                                    "salience and schedule state cannot be resumed. Resume from an APT checkpoint.")
-        self._restored = torch.load(path, weights_only=False)
+    def _resume(self, step: int) -> None:
+        """Restore the state that came with the checkpoint the Trainer loaded (apt_hf.checkpoint)."""
+        loaded = checkpoint.take(self.apt)
+        if step == 0:  # a fresh run (an adapter loaded for further training starts a new schedule)
+            self.resumed = {}
+            return
+        mine = (loaded or {}).get(STATE_NAME)
+        if mine is None:
+            raise checkpoint.CheckpointError(
+                f"The run resumes at step {step}, but the checkpoint the Trainer loaded carries no APT training state, "
+                "so the pruning schedule, salience and held blocks cannot be restored. Resume from a checkpoint "
+                "written by a run with APTCallback / APTTrainer (by this apt_hf release).")
+        if mine.get("step") != step:
+            raise checkpoint.CheckpointError(
+                f"The checkpoint's APT training state was saved at step {mine.get('step')}, but the Trainer resumes at "
+                f"step {step} (trainer_state.json): the adapter file and the trainer state come from different "
+                "checkpoints. Resume from one complete checkpoint folder.")
+        self.load_state_dict(mine)
+        self.resumed = loaded
 
-    @staticmethod
-    def _find_checkpoint_state(args, state) -> Optional[dict]:
-        """Fallback for a stock Trainer: the checkpoint of the resumed step inside ``output_dir``."""
-        if state.global_step == 0:
-            return None
-        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"Resuming at step {state.global_step} but {path} is missing, so APT's masks "
-                                    "schedule and salience cannot be restored. Resume with apt_hf.APTTrainer or from a "
-                                    "checkpoint saved with APTCallback.")
-        return torch.load(path, weights_only=False)
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if args.should_save and os.path.isdir(folder):  # under DDP the state is identical on every rank
-            torch.save(self.state_dict(), os.path.join(folder, STATE_FILE))
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.apt is not None:  # a final save_pretrained after training carries no training state
+            checkpoint.unregister(self.apt, STATE_NAME)
         return control

@@ -153,7 +153,16 @@ class Teacher:
         return {names[i]: v for i, (_, v) in self.snapshot.items() if i in names}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> None:
-        self.snapshot = {id(params[n]): (params[n], v) for n, v in state.items() if n in params}
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise ValueError(f"The saved distillation teacher has tensors for {unknown[:5]} (and {len(unknown)} in "
+                             "all) that this model does not have; it was saved from another model.")
+        for n, v in state.items():
+            if v.dim() != params[n].dim() or any(a > b for a, b in zip(v.shape, params[n].shape)):
+                raise ValueError(f"The saved distillation teacher's {n} has shape {tuple(v.shape)}, larger than this "
+                                 f"model's {tuple(params[n].shape)} (a teacher may only lag behind in rank); it was "
+                                 "saved from another model.")
+        self.snapshot = {id(params[n]): (params[n], v.to(params[n].device)) for n, v in state.items()}
 
 
 def default_pred_weight(task: str) -> float:

@@ -10,6 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from . import checkpoint
 from .arch import FAMILIES, CountModel, Layout, UnsupportedArchitectureError, describe
 from .config import DEFAULT_TARGET_MODULES, APTConfig
 from .distill import make_transform
@@ -145,7 +146,8 @@ class APTModel(BaseTuner):
             if name not in keys:
                 raise ValueError(f"The saved APT adapter has no '{name}' record; it is incomplete or was not "
                                  "saved by apt_hf. Save it again with save_pretrained.")
-            saved = keys[name].to(torch.long).cpu()
+            saved = _checked_record(name, keys[name])
+            _check_mask_values(name.replace("kept_", "", 1), keys, len(saved))
             cur = current.cpu()
             if saved.numel() and int(saved.max()) >= int(cur.max() + 1 if cur.numel() else 0):
                 raise ValueError(f"The saved APT record '{name}' refers to positions {saved.max().item()} beyond this "
@@ -179,12 +181,15 @@ class APTModel(BaseTuner):
         for name, module in model.named_modules():
             if isinstance(module, APTLinear) and adapter_name in module.r:
                 config.rank_pattern[name.removeprefix(_PEFT_PREFIX)] = module.r[adapter_name]
-        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        saved = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        saved.update(checkpoint.collect(find_apt_model(model)))  # training state while a run is in progress
+        return saved
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         tuner = model.base_model if isinstance(getattr(model, "base_model", None), APTModel) else model
         if isinstance(tuner, APTModel):
+            state_dict = checkpoint.stash(tuner, state_dict)
             tuner.restore_structure(state_dict)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         current = model.state_dict()
@@ -223,6 +228,31 @@ class APTModel(BaseTuner):
     def _unload_and_optionally_merge(self, *args, **kwargs):
         self.detach_masking()
         return super()._unload_and_optionally_merge(*args, **kwargs)
+
+
+def _checked_record(name: str, saved: torch.Tensor) -> torch.Tensor:
+    """A saved kept-index record: integer, 1-D, strictly increasing original positions (else a clear error)."""
+    if saved.is_floating_point() or saved.is_complex() or saved.dtype == torch.bool or saved.dim() != 1:
+        raise ValueError(f"The saved APT record '{name}' must be a 1-D integer tensor of kept positions, got "
+                         f"{saved.dtype} of shape {tuple(saved.shape)}; the adapter file was edited or corrupted.")
+    saved = saved.to(torch.long).cpu()
+    if saved.numel() and (int(saved.min()) < 0 or not bool((saved[1:] > saved[:-1]).all())):
+        raise ValueError(f"The saved APT record '{name}' must list distinct kept positions in increasing order, got "
+                         f"{saved.tolist()[:12]}; the adapter file was edited or corrupted.")
+    return saved
+
+
+def _check_mask_values(name: str, keys: dict[str, torch.Tensor], length: int) -> None:
+    """A saved mask (``heads_<i>``, ``neurons_<i>``, ``hidden``) matches its record and holds values in [0, 1]."""
+    mask = keys.get(name)
+    if mask is None:
+        raise ValueError(f"The saved APT adapter has a 'kept_{name}' record but no '{name}' mask; it is incomplete.")
+    if not mask.is_floating_point() or mask.shape != (length,):
+        raise ValueError(f"The saved APT mask '{name}' must be a float vector of length {length} (its kept record), "
+                         f"got {mask.dtype} of shape {tuple(mask.shape)}; the adapter file was edited or corrupted.")
+    if not bool(torch.isfinite(mask).all()) or bool(((mask < 0) | (mask > 1)).any()):
+        raise ValueError(f"The saved APT mask '{name}' holds values outside [0, 1] (or NaN/inf); the adapter file is "
+                         "corrupted or comes from a diverged run.")
 
 
 def find_apt_model(model: nn.Module) -> APTModel:

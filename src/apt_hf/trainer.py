@@ -13,14 +13,12 @@ Trainer's DDP wrapper in place after every event that replaced parameters (see :
 from __future__ import annotations
 
 import logging
-import os
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from . import distributed
+from . import checkpoint, distributed
 from .callback import APTCallback, _steps
 from .distill import (Teacher, alive_layers, default_pred_weight, layer_loss, prediction_loss,
                       sample_teacher_layers)
@@ -28,7 +26,7 @@ from .model import APTModel, find_apt_model
 from .schedule import distill_mu, post_distill_lr_factor
 
 logger = logging.getLogger(__name__)
-DISTILL_STATE_FILE = "apt_distill.pt"
+STATE_NAME = "distillation"  # this callback's entry in the checkpoint's APT training state (apt_hf.checkpoint)
 
 
 def _unwrap(obj, attr: str):
@@ -38,7 +36,10 @@ def _unwrap(obj, attr: str):
 
 
 class DistillCallback(TrainerCallback):
-    """Distillation phases, teacher refreshes (spec F.1) and the post-distillation learning-rate drop (F.2)."""
+    """Distillation phases, teacher refreshes (spec F.1) and the post-distillation learning-rate drop (F.2).
+
+    The teacher snapshot and the refresh bookkeeping are saved inside every checkpoint's adapter file while
+    distillation runs (:mod:`apt_hf.checkpoint`); after ``distill_end`` no teacher is saved or needed."""
 
     def __init__(self, apt_callback: APTCallback, has_eval: bool) -> None:
         self.apt_callback = apt_callback
@@ -50,7 +51,7 @@ class DistillCallback(TrainerCallback):
         self.best_loss: Optional[float] = None  # eval loss of the current teacher, for ties of the metric
         self._awaiting_eval = False
         self._has_eval = has_eval
-        self.resume_dir: Optional[str] = None
+        self.model = None
 
     @property
     def apt(self) -> APTModel:
@@ -82,34 +83,32 @@ class DistillCallback(TrainerCallback):
         # by the mask-bypassing teacher) until the next teacher refresh or the end of distillation, so the teacher
         # keeps the structure its adapter snapshot was trained and validated with.
         self.apt_callback.hold_removal = lambda step: self.enabled and self.start - 1 <= step < self.end
-        if self.resume_dir is not None:
-            path = os.path.join(self.resume_dir, DISTILL_STATE_FILE)
-            if os.path.exists(path):
-                self.load_state_dict(torch.load(path, weights_only=False), model)
-            elif state.global_step >= min(self.refresh_steps, default=self.start):
-                raise FileNotFoundError(
-                    f"{self.resume_dir} has no {DISTILL_STATE_FILE}, but the run resumes at step {state.global_step}, "
-                    "after the distillation teacher was first taken; without it distillation would silently run with "
-                    "no teacher. Resume from a checkpoint saved by apt_hf.APTTrainer, or set "
-                    "APTConfig.distillation=False.")
-            self.resume_dir = None
+        self.model = model
+        step = state.global_step
+        saved = self.apt_callback.resumed.get(STATE_NAME)
+        if saved is not None:
+            self.load_state_dict(saved)
+        elif min(self.refresh_steps, default=self.start) <= step < self.end:
+            raise checkpoint.CheckpointError(
+                f"The run resumes at step {step}, after the distillation teacher was first taken and before "
+                f"distill_end (step {self.end}), but the checkpoint carries no teacher; without it distillation would "
+                "silently run with no teacher. Resume from a checkpoint saved by apt_hf.APTTrainer with "
+                "distillation on, or set APTConfig.distillation=False.")
+        checkpoint.register(self.apt, STATE_NAME, self)
         return control
 
-    def state_dict(self, model) -> dict:
-        names = {id(p): n for n, p in model.named_parameters()}
-        return {"teacher": self.teacher.state_dict(names), "best": self.best, "best_loss": self.best_loss,
+    def state_dict(self) -> dict[str, Any]:
+        """Teacher snapshot (only while distillation can still use it) and the refresh bookkeeping."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        teacher = self.teacher.state_dict(names) if self.apt_callback.step < self.end else {}
+        return {"teacher": teacher, "best": self.best, "best_loss": self.best_loss,
                 "refreshes": self.teacher.refreshes}
 
-    def load_state_dict(self, state: dict, model) -> None:
-        self.teacher.load_state_dict(state["teacher"], dict(model.named_parameters()))
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["teacher"]:
+            self.teacher.load_state_dict(state["teacher"], dict(self.model.named_parameters()))
         self.best, self.teacher.refreshes = state["best"], state["refreshes"]
         self.best_loss = state.get("best_loss")
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if self.enabled and args.should_save and os.path.isdir(folder):
-            torch.save(self.state_dict(model), os.path.join(folder, DISTILL_STATE_FILE))
-        return control
 
     def active(self, step: int) -> bool:
         return self.enabled and self.teacher.ready and self.start <= step < self.end
@@ -178,6 +177,7 @@ class DistillCallback(TrainerCallback):
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
         if self.enabled:  # a run stopped before distill_end still ends with the pruned blocks removed
             self.apt_callback.remove_pruned(optimizer)
+            checkpoint.unregister(self.apt, STATE_NAME)
         return control
 
 
@@ -199,15 +199,15 @@ class APTTrainer(Trainer):
         self._distill_logs: dict[str, list[float]] = {}
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """``Trainer.train``, plus handing the checkpoint to the APT callbacks so masks, salience, importance, the
-        event counter and the teacher snapshot resume too (the model's pruned shapes and ranks are rebuilt when
-        PEFT loads the adapter)."""
-        path = resume_from_checkpoint
-        if path is True:
-            path = get_last_checkpoint(self.args.output_dir)
-        if isinstance(path, str):
-            self.apt_callback.restore_from(path)
-            self.distiller.resume_dir = path
+        """``Trainer.train`` with the checkpoint checked first: ``True`` picks the newest *complete* checkpoint in
+        ``output_dir`` (skipping, with a warning, folders a crash left half-written), and a folder must be complete
+        and readable. Masks, pruned shapes and ranks come back when PEFT loads the adapter; the callbacks' state
+        (salience, events, teacher) travels in the same file (:mod:`apt_hf.checkpoint`)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = checkpoint.last_resumable_checkpoint(self.args.output_dir, logger)
+            logger.info("APT: resuming from %s", resume_from_checkpoint)
+        elif isinstance(resume_from_checkpoint, str):
+            checkpoint.check_resumable(resume_from_checkpoint)
         self._keep_transform_out_of_ddp()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
