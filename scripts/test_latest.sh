@@ -10,8 +10,9 @@ rm -rf .venv-latest
 python3 -m venv .venv-latest
 . .venv-latest/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q torch==2.13.0
-python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,demo]"
+echo "torch==2.13.0" > .venv-latest/torch-pin.txt
+python -m pip install -q -c .venv-latest/torch-pin.txt torch
+python -m pip install -q --upgrade --upgrade-strategy eager -c .venv-latest/torch-pin.txt -e ".[dev,demo]"
 echo "== newest releases resolved:" >&2
 python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|peft|accelerate|datasets|tokenizers|safetensors|huggingface.hub|scikit-learn|scipy|numpy)==' >&2
 export HF_HUB_OFFLINE=1
