@@ -331,7 +331,7 @@ def test_valid_config_round_trips(kwargs):
     assert isinstance(loaded, APTConfig) and loaded.to_dict() == cfg.to_dict()
     for name in ("pruning_start", "pruning_end", "sparsity_warmup", "distill_end"):  # int = steps, float = fraction
         assert type(getattr(loaded, name)) is type(getattr(cfg, name))
-    assert generic.peft_type == "APT"
+    assert generic.peft_type == apt_hf.config.APT_PEFT_TYPE
 
 
 # ================================================================================================ resolve_plan

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from .callback import APTCallback
-from .config import APT_PEFT_TYPE, APTConfig
+from .config import APT_PEFT_TYPE, LEGACY_PEFT_TYPES, APTConfig
 from .export import export_pruned, load_pruned
 from .layer import APTLinear
 from .masks import APTMasks
@@ -23,9 +23,10 @@ def _register() -> None:
     """Make PEFT aware of the APT tuner (HF_STACK_NOTES: fill peft.mapping's dicts; string peft types work)."""
     from peft import mapping
 
-    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[APT_PEFT_TYPE] = APTConfig
-    mapping.PEFT_TYPE_TO_TUNER_MAPPING[APT_PEFT_TYPE] = APTModel
-    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[APT_PEFT_TYPE] = APTModel.prefix
+    for peft_type in (APT_PEFT_TYPE, *LEGACY_PEFT_TYPES):
+        mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = APTConfig
+        mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = APTModel
+        mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = APTModel.prefix
 
 
 _register()
