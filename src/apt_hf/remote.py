@@ -126,8 +126,12 @@ def pruned_model_class(stock: type) -> type:
     config = pruned_config_class(stock.config_class)
     cls = type(CLASS_PREFIX + stock.__name__, (ExportMixin, runtime.PrunedModelMixin, stock),
                {"config_class": config, "__module__": __name__})
+    for auto, ref in auto_map(stock).items():  # so that auto classes and pipelines accept it
+        if auto != "AutoConfig" and ref.endswith("." + cls.__name__):
+            getattr(transformers, auto).register(config, cls, exist_ok=True)
     base = exported_classes(stock)[-1]
-    transformers.AutoModel.register(config, cls if base is stock else pruned_model_class(base), exist_ok=True)
+    if base is not stock:  # a task class whose __init__ may build its backbone through AutoModel.from_config
+        pruned_model_class(base)
     return cls
 
 
