@@ -359,3 +359,26 @@ def test_stock_families_do_not_read_per_layer_config():
     for kind in ("bert", "llama_gqa"):
         with pytest.raises(AmbiguousGlobalPerLayerAttributeError):
             make_model(kind, per_layer_config={0: {"num_attention_heads": 2}})
+
+
+def test_format1_export_still_loads_and_is_replaced(tmp_path):
+    """An export written before this layout (stock config.json, record version 1, tokenizer saved next to it by
+    run_glue) loads with load_pruned, and overwrite=True replaces it."""
+    pm, forward = masked_apt_model("bert")
+    ref = logits(pm, forward)
+    old = tmp_path / "old"
+    apt_hf.export_pruned(pm, old, tokenizer=make_tokenizer())
+    config = json.loads((old / "config.json").read_text())
+    for key in ("apt_pruned", "apt_training", "auto_map"):
+        config.pop(key)
+    config.update(model_type="bert", architectures=["BertForSequenceClassification"])
+    (old / "config.json").write_text(json.dumps(config))
+    record = json.loads((old / STRUCTURE_FILE).read_text())
+    record.pop("files")
+    (old / STRUCTURE_FILE).write_text(json.dumps(dict(record, format_version=1)))
+    for name in ("modeling_apt_pruned.py", "apt_pruned_runtime.py", "README.md"):
+        (old / name).unlink()
+    assert (logits(apt_hf.load_pruned(old), forward) - ref).abs().max() <= TOL
+    apt_hf.export_pruned(pm, old, overwrite=True)
+    assert "tokenizer.json" not in {p.name for p in old.iterdir()}
+    assert (logits(apt_hf.load_pruned(old), forward) - ref).abs().max() <= TOL

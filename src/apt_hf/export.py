@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -24,12 +25,16 @@ from .remote import (CLASS_PREFIX, STRUCTURE_FILE, check_finite, is_model_file, 
 
 __all__ = ["export_pruned", "load_pruned", "structure_record", "STRUCTURE_FILE"]
 
+_FORMAT1_TOKENIZER = re.compile(r"(tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab)\.json"
+                                r"|vocab\.txt|merges\.txt|spiece\.model|chat_template\.jinja")
+
 
 def _replaceable(folder: Path) -> list[Path]:
     """Files of an earlier export in ``folder`` that ``overwrite=True`` may remove; refuses anything else."""
     listed = listed_files(folder)
-    if listed is None and (folder / STRUCTURE_FILE).is_file():  # format 1 exports listed no files: known names
-        listed = [p.name for p in folder.iterdir() if is_model_file(p.name) or p.name == STRUCTURE_FILE]
+    if listed is None and (folder / STRUCTURE_FILE).is_file():  # format 1 listed no files: the names it (and
+        listed = [p.name for p in folder.iterdir()  # run_glue's tokenizer save next to it) used
+                  if is_model_file(p.name) or _FORMAT1_TOKENIZER.fullmatch(p.name) or p.name == STRUCTURE_FILE]
     present = {p.name for p in folder.iterdir()}
     foreign = sorted(present - set(listed or []))
     if foreign:

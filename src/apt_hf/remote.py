@@ -160,8 +160,9 @@ def check_finite(model: nn.Module) -> None:
     """Refuse to save weights holding NaN or inf (a diverged run), naming them."""
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
     if bad:
-        raise ValueError(f"{len(bad)} tensors hold NaN or inf values ({bad[:8]}{' ...' if len(bad) > 8 else ''}); "
-                         "the run diverged. Nothing was saved: export a checkpoint from before the divergence.")
+        raise ValueError(f"NaN or inf values in {len(bad)} of the model's tensors {bad[:8]}"
+                         f"{' ...' if len(bad) > 8 else ''}: the run diverged. Nothing was saved; export a checkpoint "
+                         "from before the divergence.")
 
 
 def listed_files(folder: Path) -> Optional[list[str]]:
