@@ -378,7 +378,12 @@ def test_format1_export_still_loads_and_is_replaced(tmp_path):
     (old / STRUCTURE_FILE).write_text(json.dumps(dict(record, format_version=1)))
     for name in ("modeling_apt_pruned.py", "apt_pruned_runtime.py", "README.md"):
         (old / name).unlink()
-    assert (logits(apt_hf.load_pruned(old), forward) - ref).abs().max() <= TOL
+    loaded = apt_hf.load_pruned(old)
+    assert (logits(loaded, forward) - ref).abs().max() <= TOL
+    loaded.save_pretrained(tmp_path / "rewritten")  # in this layout
+    assert json.loads((tmp_path / "rewritten" / "config.json").read_text())["model_type"] == "apt_pruned_bert"
+    assert json.loads((tmp_path / "rewritten" / STRUCTURE_FILE).read_text())["format_version"] == 2
+    assert (logits(apt_hf.load_pruned(tmp_path / "rewritten"), forward) - ref).abs().max() <= TOL
     apt_hf.export_pruned(pm, old, overwrite=True)
     assert "tokenizer.json" not in {p.name for p in old.iterdir()}
     assert (logits(apt_hf.load_pruned(old), forward) - ref).abs().max() <= TOL

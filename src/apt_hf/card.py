@@ -49,12 +49,13 @@ def model_card(model: nn.Module, stock: type, has_tokenizer: bool) -> str:
     task = _TASKS.get(auto, "feature-extraction" if auto == "AutoModel" else None)
     has_pipeline = has_tokenizer and task in SUPPORTED_TASKS
     training = getattr(config, "apt_training", None) or {}
-    base = training.get("base_model") or config.name_or_path or "an unknown base model"
+    base = training.get("base_model")
     attn_names, ffn_names = _site_names(full_layout)
     lines = [
         "---", "library_name: transformers", "tags:", "- apt_hf", "- pruned", "---", "",
         f"# {stock.__name__} pruned with APT", "",
-        f"`{base}` after APT (Adaptive Pruning and Tuning, Zhao, Hajishirzi & Cao, ICML 2024), exported by apt_hf "
+        (f"`{base}`" if base else "A model") +
+        f" after APT (Adaptive Pruning and Tuning, Zhao, Hajishirzi & Cao, ICML 2024), exported by apt_hf "
         f"{__version__}. Attention heads, FFN neurons and hidden dimensions were removed physically, so each layer has "
         "its own size.", "",
         f"- parameters: {n_kept:,} of the unpruned architecture's {n_full:,} ({100 * n_kept / n_full:.1f} %)",
@@ -86,6 +87,7 @@ def model_card(model: nn.Module, stock: type, has_tokenizer: bool) -> str:
         "With apt_hf (runs no code from this folder): `apt_hf.load_pruned(\"path/to/this/folder\")`.",
     ]
     if training:
-        lines += ["", "## Training", "", f"- base model: `{base}`"]
+        lines += ["", "## Training", ""] + ([f"- base model: `{base}`"] if base else [])
+        lines.append("APT settings (`apt_hf.APTConfig`):")
         lines += [f"- {key}: `{value}`" for key, value in sorted(training.get("apt_config", {}).items())]
     return "\n".join(lines) + "\n"
