@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -331,6 +332,14 @@ def test_merge_and_unload_prunes_what_the_masks_remove(tmp_path):
     assert sum(p.numel() for p in merged.parameters()) < sum(p.numel() for p in make_model("bert").parameters())
     merged.save_pretrained(tmp_path / "merged")
     assert (logits(apt_hf.load_pruned(tmp_path / "merged"), forward) - ref).abs().max() <= TOL
+
+
+def test_pruned_model_pickles():
+    pm, forward = masked_apt_model("llama_cls")
+    merged = pm.merge_and_unload()
+    again = pickle.loads(pickle.dumps(merged))
+    assert type(again) is type(merged) and type(again.config) is type(merged.config)
+    assert torch.equal(logits(again, forward), logits(merged, forward))
 
 
 def test_unpruned_merge_loads_with_stock_from_pretrained(tmp_path):

@@ -1,7 +1,8 @@
 """apt_hf: APT (Adaptive Pruning and Tuning, Zhao, Hajishirzi & Cao, ICML 2024) for the Hugging Face stack.
 
-Importing the package registers the ``APT`` tuner type with PEFT, so ``peft.get_peft_model(model, APTConfig())``,
-``save_pretrained`` and ``PeftModel.from_pretrained`` work.
+Importing the package registers the APT tuner type with PEFT, so ``peft.get_peft_model(model, APTConfig())``,
+``save_pretrained`` and ``PeftModel.from_pretrained`` work. Pruned models exported with ``export_pruned`` (or
+``merge_and_unload().save_pretrained``) load without apt_hf too: see ``apt_hf.remote``.
 """
 
 from __future__ import annotations
@@ -42,5 +43,5 @@ def count_params(model: nn.Module) -> int:
     return find_apt_model(model).count_params()
 
 
-__all__ = ["APTCallback", "APTConfig", "APTTrainer", "find_apt_model", "APTLinear", "APTMasks", "APTModel", "count_params", "export_pruned", "get_masks",
-           "load_pruned", "__version__"]
+__all__ = ["APTCallback", "APTConfig", "APTTrainer", "find_apt_model", "APTLinear", "APTMasks", "APTModel",
+           "count_params", "export_pruned", "get_masks", "load_pruned", "__version__"]

@@ -138,6 +138,16 @@ def pruned_model_class(stock: type) -> type:
     return cls
 
 
+def __getattr__(name: str) -> type:
+    """``AptPruned<Stock>`` classes by name, made on first use (so that pickle finds them)."""
+    stock = getattr(transformers, name[len(CLASS_PREFIX):], None) if name.startswith(CLASS_PREFIX) else None
+    if isinstance(stock, type) and issubclass(stock, transformers.PreTrainedModel):
+        return pruned_model_class(stock)
+    if isinstance(stock, type) and issubclass(stock, transformers.PretrainedConfig):
+        return pruned_config_class(stock)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def make_exportable(model: nn.Module, record: dict, training: Optional[dict] = None) -> nn.Module:
     """Turn a physically pruned stock model into its ``AptPruned`` class (in place; modules are untouched)."""
     model.__class__ = pruned_model_class(stock_class(type(model)))
