@@ -87,6 +87,8 @@ attempt("no_trust_pipeline", lambda: type(transformers.pipeline("text-classifica
 attempt("wrong_shapes_ignore", lambda: type(Auto.from_pretrained(jobs["wrong_shapes"], trust_remote_code=True,
                                                                   ignore_mismatched_sizes=True)).__name__)
 attempt("wrong_shapes", lambda: type(Auto.from_pretrained(jobs["wrong_shapes"], trust_remote_code=True)).__name__)
+attempt("backbone", lambda: transformers.AutoModel.from_pretrained(jobs["bert"], trust_remote_code=True).eval()(
+    **torch.load(jobs["bert_inputs"])["forward"]).last_hidden_state.detach())
 attempt("new_head", lambda: Auto.from_pretrained(jobs["bert"], trust_remote_code=True, num_labels=5,
                                                  ignore_mismatched_sizes=True).classifier.out_features)
 attempt("no_lm_head", lambda: type(transformers.AutoModelForCausalLM.from_pretrained(
@@ -176,7 +178,9 @@ def stock(tmp_path_factory):
                               "inputs": str(root / f"{name}.pt"), "pipeline_kwargs": PIPELINE_KWARGS.get(task),
                               "generate": generate_kwargs(name) if "generate" in inputs else None})
         expected[name] = exp
-    jobs["bert"] = str(root / "bert")
+    jobs["bert"], jobs["bert_inputs"] = str(root / "bert"), str(root / "bert.pt")
+    with torch.no_grad():
+        expected["backbone"] = apt_hf.load_pruned(root / "bert").bert(**torch.load(root / "bert.pt")["forward"])
 
     # merge_and_unload().save_pretrained() of a model pruned in place (as at pruning events) and merged after
     pm, forward = masked_apt_model("llama_gqa")
@@ -259,6 +263,12 @@ def test_stock_transformers_loads_the_pruned_model(stock, name):
     assert {"modeling_apt_pruned.py", "apt_pruned_runtime.py", "README.md", "tokenizer.json"} <= set(listed)
     for code in ("modeling_apt_pruned.py", "apt_pruned_runtime.py"):
         assert not re.search(r"^\s*(import|from)\s+apt_hf", (folder / code).read_text(), re.M)
+
+
+@pytest.mark.slow
+def test_auto_model_loads_the_pruned_backbone(stock):
+    _, expected, results = stock
+    assert (results["backbone"]["ok"] - expected["backbone"].last_hidden_state).abs().max() <= TOL
 
 
 @pytest.mark.slow

@@ -16,8 +16,8 @@ APT_PEFT_TYPE = "APT (pip install apt_hf; import apt_hf)"
 LEGACY_PEFT_TYPES = ("APT",)  # adapters saved by earlier releases
 ADAPTER_CARD_SECTION = """## APT adapter (apt_hf)
 
-This adapter was trained with [apt_hf](https://pypi.org/project/apt_hf/) (APT, Adaptive Pruning and Tuning). Loading
-it needs that package: `pip install apt_hf`, then `import apt_hf` before `PeftModel.from_pretrained` or
+This adapter was trained with apt_hf (APT, Adaptive Pruning and Tuning). Loading it needs that package:
+`pip install apt_hf`, then `import apt_hf` before `PeftModel.from_pretrained` or
 `AutoPeftModel...from_pretrained` (the import registers the APT tuner type with PEFT; without it PEFT stops with
 `KeyError: 'APT (pip install apt_hf; import apt_hf)'`). The adapter records which attention heads, FFN neurons and
 hidden dimensions were pruned, and loading rebuilds that structure on the base model. `model.disable_adapter()` then
