@@ -44,6 +44,7 @@ FAMILIES = {
     "llama_gqa": ("LlamaForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
     "llama_cls": ("LlamaForSequenceClassification", "SEQ_CLS", "AutoModelForSequenceClassification",
                   "text-classification"),
+    "llama_tied": ("LlamaForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
     "mistral": ("MistralForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
     "qwen2": ("Qwen2ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
     "t5": ("T5ForConditionalGeneration", "SEQ_2_SEQ_LM", "AutoModelForSeq2SeqLM", None),
@@ -68,7 +69,9 @@ def attempt(name, call):
 for job in jobs["loads"]:
     model = getattr(transformers, job["auto"]).from_pretrained(job["dir"], trust_remote_code=True).eval()
     inputs = torch.load(job["inputs"])
-    out = {"class": type(model).__name__, "stock_bases": [c.__name__ for c in type(model).__mro__]}
+    head = model.get_output_embeddings()
+    out = {"class": type(model).__name__, "stock_bases": [c.__name__ for c in type(model).__mro__],
+           "tied": head is not None and head.weight is model.get_input_embeddings().weight}
     with torch.no_grad():
         out["logits"] = model(**inputs["forward"]).logits
         if job["generate"]:
@@ -120,6 +123,8 @@ def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
 
 
 def family_model(name: str) -> transformers.PreTrainedModel:
+    if name == "llama_tied":
+        return make_model("llama_mha", tie_word_embeddings=True)
     if name in ("mistral", "qwen2"):
         fields = make_config("llama_gqa").to_dict()
         fields = {k: v for k, v in fields.items() if k not in ("model_type", "architectures", "transformers_version")}
@@ -137,7 +142,7 @@ def masked_apt_model(name: str) -> tuple[peft.PeftModel, dict]:
     pm = peft.get_peft_model(family_model(name), apt_hf.APTConfig(task_type=FAMILIES[name][1]))
     randomize_adapters(pm, seed=11)
     random_masks(pm, seed=4)  # layer 0 loses every head, layer 1 every neuron
-    kind = "roberta" if name == "roberta" else "llama_gqa" if name in ("mistral", "qwen2") else name
+    kind = {"mistral": "llama_gqa", "qwen2": "llama_gqa", "llama_tied": "llama_mha"}.get(name, name)
     return pm.eval(), make_inputs(kind)
 
 
@@ -166,6 +171,8 @@ def stock(tmp_path_factory):
         loaded = apt_hf.load_pruned(folder)
         with torch.no_grad():
             exp = {"masked": pm(**forward).logits, "logits": loaded(**forward).logits}
+        head = loaded.get_output_embeddings()
+        exp["tied"] = head is not None and head.weight is loaded.get_input_embeddings().weight
         inputs = {"forward": forward}
         if FAMILIES[name][1] != "SEQ_CLS":
             inputs["generate"] = ({"input_ids": forward["input_ids"]} if name == "t5"
@@ -241,6 +248,7 @@ def test_stock_transformers_loads_the_pruned_model(stock, name):
     forward = torch.load(root / f"{name}.pt")["forward"]
     assert not results["apt_hf_imported"]
     assert got["class"] == "AptPruned" + FAMILIES[name][0] and FAMILIES[name][0] in got["stock_bases"]
+    assert got["tied"] == exp["tied"] == (name in ("llama_tied", "t5"))
     assert (masked_logits(exp["logits"] - exp["masked"], forward)).abs().max() <= TOL  # load_pruned is exact
     assert (masked_logits(got["logits"] - exp["logits"], forward)).abs().max() <= TOL
     if "generation" in exp:
