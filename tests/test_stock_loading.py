@@ -330,6 +330,15 @@ def test_apt_adapter_without_apt_hf_names_the_package(stock):
         apt_hf.config.APT_PEFT_TYPE
 
 
+def test_stock_class_named_explicitly_fails_its_size_check(tmp_path):
+    """The route the folder cannot guard (README): a stock class reads config.json as its own type, builds the
+    unpruned sizes and refuses the pruned weights (unless told to re-initialise them)."""
+    pm, _ = masked_apt_model("bert")
+    apt_hf.export_pruned(pm, tmp_path / "export")
+    with pytest.raises(RuntimeError, match="size mismatch|ignore_mismatched_sizes"):
+        transformers.BertForSequenceClassification.from_pretrained(tmp_path / "export")
+
+
 def test_adapter_saved_with_the_old_peft_type_still_loads(tmp_path):
     pm, forward = masked_apt_model("bert")
     pm.save_pretrained(tmp_path / "adapter")
