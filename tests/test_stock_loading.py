@@ -359,6 +359,8 @@ def test_merge_and_unload_prunes_what_the_masks_remove(tmp_path):
     assert sum(p.numel() for p in merged.parameters()) < sum(p.numel() for p in make_model("bert").parameters())
     merged.save_pretrained(tmp_path / "merged")
     assert (logits(apt_hf.load_pruned(tmp_path / "merged"), forward) - ref).abs().max() <= TOL
+    with pytest.raises(ValueError, match="push_to_hub"):
+        merged.save_pretrained(tmp_path / "pushed", push_to_hub=True)
 
 
 def test_pruned_model_pickles():
