@@ -24,10 +24,9 @@ import re
 from pathlib import Path
 from typing import Optional
 
-import torch
 import transformers
-from transformers.models.auto import modeling_auto
 from torch import nn
+from transformers.models.auto import modeling_auto
 
 from . import runtime
 from .arch import describe
