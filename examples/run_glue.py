@@ -460,8 +460,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             summary["kept_params"] = apt_hf.count_params(model)
             summary["original_params"] = apt_hf.find_apt_model(model).n_params
             summary["density"] = summary["kept_params"] / summary["original_params"]
-            apt_hf.export_pruned(model, export_dir, overwrite=True)
-            tokenizer.save_pretrained(export_dir)
+            apt_hf.export_pruned(model, export_dir, tokenizer=tokenizer, overwrite=True)
             summary["export_dir"] = str(export_dir)
             if method_args.speed_repeats > 0:
                 dense = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=spec.num_labels)

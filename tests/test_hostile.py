@@ -16,7 +16,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import make_model, random_masks
+from conftest import logits, make_inputs, make_model, random_masks
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -331,7 +331,7 @@ def test_valid_config_round_trips(kwargs):
     assert isinstance(loaded, APTConfig) and loaded.to_dict() == cfg.to_dict()
     for name in ("pruning_start", "pruning_end", "sparsity_warmup", "distill_end"):  # int = steps, float = fraction
         assert type(getattr(loaded, name)) is type(getattr(cfg, name))
-    assert generic.peft_type == "APT"
+    assert generic.peft_type == apt_hf.config.APT_PEFT_TYPE
 
 
 # ================================================================================================ resolve_plan
@@ -522,3 +522,97 @@ def test_tampered_adapter_records_are_refused(pruned_adapter, tmp_path, edit, me
     peft.PeftModel.from_pretrained(make_model("bert"), pruned_adapter)  # the untouched adapter loads
     with pytest.raises(ValueError, match=message):
         peft.PeftModel.from_pretrained(make_model("bert"), _tampered(pruned_adapter, tmp_path, edit))
+
+
+# ============================================================================================ export files (issue 12)
+def weight_files(path: Path) -> set[str]:
+    return {p.name for p in path.iterdir() if p.name.startswith("model") and p.suffix != ".py"}
+
+
+@pytest.mark.parametrize("first,second", [({}, {"max_shard_size": "20KB"}), ({"max_shard_size": "20KB"}, {})])
+def test_overwrite_removes_the_earlier_exports_files(exported, tmp_path, first, second):
+    """A sharded export over a single-file one (and back) leaves no stale weights file for a loader to pick up."""
+    pm, reference = exported
+    target = tmp_path / "again"
+    apt_hf.export_pruned(pm, target, **first)
+    before = weight_files(target)
+    apt_hf.export_pruned(pm, target, overwrite=True, **second)
+    after = weight_files(target)
+    sharded = "model.safetensors.index.json" in after
+    assert before != after and sharded == ("max_shard_size" in second)
+    shards = set(json.loads((target / "model.safetensors.index.json").read_text())["weight_map"].values()) \
+        if sharded else set()
+    assert after == ({"model.safetensors.index.json", *shards} if sharded else {"model.safetensors"})
+    listed = json.loads((target / "apt_structure.json").read_text())["files"]
+    assert set(listed) == {p.name for p in target.iterdir()} - {"apt_structure.json"}
+    inputs = make_inputs("llama_gqa")
+    assert (logits(apt_hf.load_pruned(target), inputs) - logits(apt_hf.load_pruned(reference), inputs)).abs().max() == 0
+
+
+def test_overwrite_refuses_a_folder_with_other_files(exported, tmp_path):
+    pm, _ = exported
+    target = tmp_path / "mixed"
+    apt_hf.export_pruned(pm, target)
+    (target / "my_notes.txt").write_text("keep me")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    with pytest.raises(FileExistsError, match=r"my_notes\.txt.*overwrite=True only replaces an earlier export"):
+        apt_hf.export_pruned(pm, target, overwrite=True)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+def test_stale_single_file_next_to_shards_is_refused(broken):
+    """A folder holding both a single weights file and a sharded index (what overwriting used to leave) is not read."""
+    shutil.copy(broken / "model.safetensors", broken / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": {"x": "model-00001-of-00001.safetensors"}}
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="stale"):
+        apt_hf.load_pruned(broken)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda r: r.__setitem__("format_version", 99), r"format_version=99.*reads versions \[1, 2\]"),
+    (lambda r: r.__setitem__("format_version", "2"), "format_version='2'"),
+    (lambda r: r.__setitem__("pruned_by", "someone"), r"unknown keys \['pruned_by'\]"),
+    (lambda r: r.__setitem__("family", "gpt2"), "family='gpt2'"),
+])
+def test_unknown_record_versions_and_keys_are_refused(broken, edit, match):
+    edit_record(broken, edit)
+    with pytest.raises(ValueError, match=match):
+        apt_hf.load_pruned(broken)
+
+
+@pytest.mark.parametrize("architectures", [["AutoModel"], ["BertForSequenceClassification"], ["NoSuchModel"], []])
+def test_bad_architecture_names_are_refused(broken, architectures):
+    config = json.loads((broken / "config.json").read_text())
+    config["architectures"] = architectures
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"architectures=.*model class of model_type 'llama'"):
+        apt_hf.load_pruned(broken)
+
+
+def test_config_and_record_that_disagree_are_refused(broken):
+    config = json.loads((broken / "config.json").read_text())
+    config["apt_pruned"]["neurons"][0] -= 1
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="describe different structures"):
+        apt_hf.load_pruned(broken)
+
+
+@pytest.mark.parametrize("where", ["adapter", "base", "head"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_not_exported(where, bad, tmp_path):
+    """A diverged run: export_pruned and merge_and_unload().save_pretrained refuse, naming the tensors."""
+    pm = wrap("llama_gqa")
+    random_masks(pm, seed=3)
+    part = {"adapter": "layers.2.self_attn.q_proj.apt_B", "base": "layers.2.mlp.down_proj.weight",
+            "head": "lm_head.weight"}[where]
+    with torch.no_grad():
+        next(p for n, p in pm.named_parameters() if part in n).fill_(bad)
+    named = {"adapter": "layers.2.self_attn.q_proj.weight"}.get(where, part)
+    message = rf"NaN or inf values in 1 of the model's tensors \[.*{named}.*Nothing was saved"
+    with pytest.raises(ValueError, match=message):
+        apt_hf.export_pruned(pm, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pm.merge_and_unload().save_pretrained(tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() or not any((tmp_path / "merged").iterdir())

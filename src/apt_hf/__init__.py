@@ -1,7 +1,8 @@
 """apt_hf: APT (Adaptive Pruning and Tuning, Zhao, Hajishirzi & Cao, ICML 2024) for the Hugging Face stack.
 
-Importing the package registers the ``APT`` tuner type with PEFT, so ``peft.get_peft_model(model, APTConfig())``,
-``save_pretrained`` and ``PeftModel.from_pretrained`` work.
+Importing the package registers the APT tuner type with PEFT, so ``peft.get_peft_model(model, APTConfig())``,
+``save_pretrained`` and ``PeftModel.from_pretrained`` work. Pruned models exported with ``export_pruned`` (or
+``merge_and_unload().save_pretrained``) load without apt_hf too: see ``apt_hf.remote``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from torch import nn
 
 from .callback import APTCallback, TrainingDivergedError
 from .checkpoint import CheckpointError
-from .config import APT_PEFT_TYPE, APTConfig
+from .config import APT_PEFT_TYPE, LEGACY_PEFT_TYPES, APTConfig
 from .export import export_pruned, load_pruned
 from .layer import APTLinear
 from .masks import APTMasks
@@ -24,9 +25,10 @@ def _register() -> None:
     """Make PEFT aware of the APT tuner (HF_STACK_NOTES: fill peft.mapping's dicts; string peft types work)."""
     from peft import mapping
 
-    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[APT_PEFT_TYPE] = APTConfig
-    mapping.PEFT_TYPE_TO_TUNER_MAPPING[APT_PEFT_TYPE] = APTModel
-    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[APT_PEFT_TYPE] = APTModel.prefix
+    for peft_type in (APT_PEFT_TYPE, *LEGACY_PEFT_TYPES):
+        mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = APTConfig
+        mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = APTModel
+        mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = APTModel.prefix
 
 
 _register()

@@ -1,151 +1,39 @@
 """Architecture descriptions: where heads, neurons and hidden dimensions live, and the spec B.3 count.
 
-``describe(model)`` walks a (PEFT-wrapped or plain) transformers model and returns a :class:`Layout` that lists
-every attention site, FFN site, hidden-dimension embedding, norm and task-head reader with direct module
-references. Supported: BERT, RoBERTa, LLaMA-family (MHA and grouped-query attention: LLaMA, Mistral, Qwen2) and
-T5 (encoder self-attention, decoder self- and cross-attention, plain or gated FFN).
-
-Head-mask order: the attention sites in model order; for T5 the encoder self-attentions, then for each decoder
-block its self-attention followed by its cross-attention.
+``describe(model)`` unwraps a PEFT model and returns the :class:`~apt_hf.runtime.Layout` of the transformers model
+inside (``apt_hf.runtime.layout_of``, shared with exported models): every attention site, FFN site, hidden-dimension
+embedding, norm and task-head reader, with direct module references. Supported: BERT, RoBERTa, LLaMA-family (MHA
+and grouped-query attention: LLaMA, Mistral, Qwen2) and T5 (encoder self-attention, decoder self- and
+cross-attention, plain or gated FFN), and their exports pruned by apt_hf.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-FAMILIES = {"bert": "bert", "roberta": "bert", "llama": "llama", "mistral": "llama", "qwen2": "llama", "t5": "t5"}
+from .runtime import FAMILIES, AttentionSite, FFNSite, Layout, base_linear, layout_of, stock_model_type
 
-# Task-head linears that read the residual stream (their input columns follow the hidden mask).
-_HEAD_READERS = {
-    "bert": ("pooler.dense", "classifier.dense", "qa_outputs", "lm_head.dense", "cls.predictions.transform.dense"),
-    "llama": ("lm_head", "score", "qa_outputs"),
-    "t5": ("lm_head",),
-}
-_TOKEN_LEVEL_CLASSIFIER = ("ForTokenClassification",)
+__all__ = ["FAMILIES", "AttentionSite", "FFNSite", "Layout", "base_linear", "describe", "family_of", "CountModel",
+           "UnsupportedArchitectureError"]
 
 
 class UnsupportedArchitectureError(ValueError):
     """The model is not one apt_hf knows how to prune."""
 
 
-def base_linear(module: nn.Module) -> nn.Linear:
-    """The plain ``nn.Linear`` inside an APT layer (or the module itself)."""
-    return getattr(module, "base_layer", module)
-
-
-@dataclass
-class AttentionSite:
-    """One attention block: its core module, projections and head geometry (current, physical)."""
-
-    parent: nn.Module
-    core_name: str
-    q: Optional[nn.Module]
-    k: Optional[nn.Module]
-    v: Optional[nn.Module]
-    o: nn.Module
-    head_dim: int
-    kind: str  # "self" or "cross"
-
-    @property
-    def core(self) -> nn.Module:
-        return getattr(self.parent, self.core_name)
-
-    @property
-    def num_heads(self) -> int:
-        return 0 if self.q is None else base_linear(self.q).out_features // self.head_dim
-
-    @property
-    def num_kv_heads(self) -> int:
-        return 0 if self.k is None else base_linear(self.k).out_features // self.head_dim
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per key/value head (1 for multi-head attention)."""
-        return max(1, self.num_heads // max(1, self.num_kv_heads))
-
-
-@dataclass
-class FFNSite:
-    """One feed-forward block: up (and gate) projections to the neurons, down projection back."""
-
-    up: nn.Module
-    gate: Optional[nn.Module]
-    down: nn.Module
-
-    @property
-    def num_neurons(self) -> int:
-        return base_linear(self.up).out_features
-
-
-@dataclass
-class Layout:
-    """Everything structural about one model (spec A.4, B)."""
-
-    family: str
-    hidden_size: int
-    attentions: list[AttentionSite]
-    ffns: list[FFNSite]
-    embeddings: list[nn.Embedding]
-    embedding_outputs: list[nn.Module]  # modules whose output gets the hidden mask
-    norms: list[nn.Module]  # every norm over the residual stream
-    counted_norms: list[nn.Module]  # norms that belong to the spec B.3 "main" count
-    readers: list[nn.Module] = field(default_factory=list)  # task-head linears reading the residual stream
-    transforms: list[nn.Module] = field(default_factory=list)  # d x d maps on both sides (distillation's Tr)
-
-    @property
-    def hidden_writers(self) -> list[nn.Module]:
-        return [s.o for s in self.attentions] + [f.down for f in self.ffns]
-
-    @property
-    def hidden_readers(self) -> list[nn.Module]:
-        mods = [m for s in self.attentions for m in (s.q, s.k, s.v) if m is not None]
-        mods += [m for f in self.ffns for m in (f.up, f.gate) if m is not None]
-        return mods + self.readers
-
-
 def family_of(model: nn.Module) -> str:
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
+    model_type = stock_model_type(getattr(config, "model_type", None))
     if model_type not in FAMILIES:
         raise UnsupportedArchitectureError(
             f"apt_hf does not support model_type={model_type!r} ({type(model).__name__}). Supported: "
             f"{', '.join(sorted(FAMILIES))}. Open an issue with the architecture you need."
         )
     return FAMILIES[model_type]
-
-
-def _unwrap_name(name: str) -> str:
-    """Drop PEFT wrapper segments (``modules_to_save.<adapter>``, ``original_module``, ``base_layer``)."""
-    parts = name.split(".")
-    out, skip = [], False
-    for part in parts:
-        if skip:
-            skip = False
-            continue
-        if part == "modules_to_save":
-            skip = True
-            continue
-        if part in ("original_module", "base_layer"):
-            continue
-        out.append(part)
-    return ".".join(out)
-
-
-def _find_readers(model: nn.Module, family: str) -> list[nn.Module]:
-    names = _HEAD_READERS[family]
-    token_level = any(tag in type(model).__name__ for tag in _TOKEN_LEVEL_CLASSIFIER)
-    readers = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or "base_layer" in name.split("."):
-            continue
-        plain = _unwrap_name(name)
-        if any(plain == n or plain.endswith("." + n) for n in names) or (token_level and plain == "classifier"):
-            readers.append(module)
-    return readers
 
 
 def _hf_model(model: nn.Module) -> nn.Module:
@@ -161,82 +49,7 @@ def _hf_model(model: nn.Module) -> nn.Module:
 def describe(model: nn.Module) -> Layout:
     """Return the :class:`Layout` of a transformers model (PEFT-wrapped or not)."""
     hf = _hf_model(model)
-    family = family_of(hf)
-    config = hf.config
-    if family == "bert":
-        return _describe_bert(hf, config)
-    if family == "llama":
-        return _describe_llama(hf, config)
-    return _describe_t5(hf, config)
-
-
-def _describe_bert(hf: nn.Module, config) -> Layout:
-    core = hf.base_model
-    head_dim = config.hidden_size // config.num_attention_heads
-    attns, ffns, norms = [], [], []
-    for layer in core.encoder.layer:
-        att = layer.attention
-        sa = att.self
-        q, k, v = (getattr(sa, n, None) for n in ("query", "key", "value"))
-        attns.append(AttentionSite(att, "self", q, k, v, att.output.dense, head_dim, "self"))
-        ffns.append(FFNSite(layer.intermediate.dense, None, layer.output.dense))
-        norms += [att.output.LayerNorm, layer.output.LayerNorm]
-    emb = core.embeddings
-    embeddings = [m for m in (emb.word_embeddings, getattr(emb, "position_embeddings", None),
-                              getattr(emb, "token_type_embeddings", None)) if m is not None]
-    return Layout("bert", emb.word_embeddings.embedding_dim, attns, ffns, embeddings, [], [emb.LayerNorm] + norms,
-                  norms, _find_readers(hf, "bert"))
-
-
-def _describe_llama(hf: nn.Module, config) -> Layout:
-    core = hf.base_model
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attns, ffns, norms = [], [], []
-    for layer in core.layers:
-        sa = layer.self_attn
-        q, k, v = (getattr(sa, n, None) for n in ("q_proj", "k_proj", "v_proj"))
-        attns.append(AttentionSite(layer, "self_attn", q, k, v, sa.o_proj, head_dim, "self"))
-        mlp = layer.mlp
-        ffns.append(FFNSite(mlp.up_proj, mlp.gate_proj, mlp.down_proj))
-        norms += [layer.input_layernorm, layer.post_attention_layernorm]
-    norms.append(core.norm)
-    return Layout("llama", core.embed_tokens.embedding_dim, attns, ffns, [core.embed_tokens], [core.embed_tokens],
-                  norms, norms, _find_readers(hf, "llama"))
-
-
-def _describe_t5(hf: nn.Module, config) -> Layout:
-    head_dim = config.d_kv
-    attns, ffns, norms = [], [], []
-
-    def add_attention(layer: nn.Module, core_name: str, kind: str) -> None:
-        a = getattr(layer, core_name)
-        q, k, v = (getattr(a, n, None) for n in ("q", "k", "v"))
-        attns.append(AttentionSite(layer, core_name, q, k, v, a.o, head_dim, kind))
-
-    def add_ffn(layer: nn.Module) -> None:
-        d = layer.DenseReluDense
-        if hasattr(d, "wi_0"):
-            ffns.append(FFNSite(d.wi_1, d.wi_0, d.wo))
-        else:
-            ffns.append(FFNSite(d.wi, None, d.wo))
-
-    for block in hf.encoder.block:
-        add_attention(block.layer[0], "SelfAttention", "self")
-        add_ffn(block.layer[1])
-        norms += [block.layer[0].layer_norm, block.layer[1].layer_norm]
-    if hasattr(hf, "decoder"):
-        for block in hf.decoder.block:
-            add_attention(block.layer[0], "SelfAttention", "self")
-            add_attention(block.layer[1], "EncDecAttention", "cross")
-            add_ffn(block.layer[2])
-            norms += [block.layer[0].layer_norm, block.layer[1].layer_norm, block.layer[2].layer_norm]
-        norms.append(hf.decoder.final_layer_norm)
-    norms.append(hf.encoder.final_layer_norm)
-    embeddings = [hf.shared]
-    outputs = [hf.encoder.embed_tokens] + ([hf.decoder.embed_tokens] if hasattr(hf, "decoder") else [])
-    unique_outputs = list({id(m): m for m in outputs}.values())
-    return Layout("t5", hf.shared.embedding_dim, attns, ffns, embeddings, unique_outputs, norms, norms,
-                  _find_readers(hf, "t5"))
+    return layout_of(hf, family_of(hf))
 
 
 # ---------------------------------------------------------------------------------------------- counting (B.3)

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft import PeftConfig
 
-APT_PEFT_TYPE = "APT"
+# The PEFT type names the package: PEFT looks it up in a dict that only `import apt_hf` fills, so a process without
+# apt_hf fails with `KeyError: 'APT (pip install apt_hf; import apt_hf)'`, the only text PEFT shows (issue 16).
+APT_PEFT_TYPE = "APT (pip install apt_hf; import apt_hf)"
+LEGACY_PEFT_TYPES = ("APT",)  # adapters saved by earlier releases
+ADAPTER_CARD_SECTION = """## APT adapter (apt_hf)
+
+This adapter was trained with apt_hf (APT, Adaptive Pruning and Tuning). Loading it needs that package:
+`pip install apt_hf`, then `import apt_hf` before `PeftModel.from_pretrained` or
+`AutoPeftModel...from_pretrained` (the import registers the APT tuner type with PEFT; without it PEFT stops with
+`KeyError: 'APT (pip install apt_hf; import apt_hf)'`). The adapter records which attention heads, FFN neurons and
+hidden dimensions were pruned, and loading rebuilds that structure on the base model. `model.disable_adapter()` then
+runs the pruned base model, not the original dense one. For a model that loads without apt_hf, export it with
+`apt_hf.export_pruned(model, folder)` (or `model.merge_and_unload().save_pretrained(folder)`).
+"""
 
 # Default adapter placement per architecture (spec A.2).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -181,6 +195,15 @@ class APTConfig(PeftConfig):
             raise bad("distill_end", self.distill_end, "use a step count (int) or a fraction of training (float <= 1)")
         if self.tuning_budget_ratio < 1.0:
             raise bad("tuning_budget_ratio", self.tuning_budget_ratio, "use a ratio >= 1 (the spec uses 4.0)")
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """PEFT's config save, plus a section in the adapter's model card saying that loading needs apt_hf."""
+        super().save_pretrained(save_directory, **kwargs)
+        card = os.path.join(save_directory, "README.md")
+        text = open(card).read() if os.path.exists(card) else ""
+        if ADAPTER_CARD_SECTION not in text:
+            with open(card, "w") as f:
+                f.write(text.rstrip() + ("\n\n" if text.strip() else "") + ADAPTER_CARD_SECTION)
 
     @property
     def scaling(self) -> float:

@@ -1,62 +1,74 @@
 """Export a trained APT model as a small dense model, and load it back (spec G, K.9).
 
-The export is the stock ``save_pretrained`` layout plus ``apt_structure.json``: the per-site numbers of heads,
-key/value heads, neurons and the hidden width, which stock ``from_pretrained`` cannot express.
+The export (written by the pruned model's ``save_pretrained``, see :mod:`apt_hf.remote`) loads three ways: with
+``apt_hf.load_pruned`` (no code from the folder runs), with stock transformers' ``AutoModel….from_pretrained(folder,
+trust_remote_code=True)`` or ``pipeline(task, model=folder, trust_remote_code=True)`` in a process without apt_hf,
+and all three give the same model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 import transformers
 from torch import nn
 
-from .arch import describe
-from .masks import APTMasks, sizes_of
+from . import runtime
 from .model import find_apt_model
-from .prune import apply_structure
-from .t5 import kept_heads as t5_kept_heads
+from .remote import (CLASS_PREFIX, STRUCTURE_FILE, check_finite, is_model_file, listed_files, make_exportable,
+                     pruned_config_class, pruned_model_class, structure_record)
 
-STRUCTURE_FILE = "apt_structure.json"
-FORMAT_VERSION = 1
+__all__ = ["export_pruned", "load_pruned", "structure_record", "STRUCTURE_FILE"]
 
-
-def structure_record(model: nn.Module) -> dict[str, Any]:
-    """Per-site shapes of a (pruned) transformers model."""
-    layout = describe(model)
-    heads, neurons, hidden = sizes_of(layout)
-    record = {
-        "format_version": FORMAT_VERSION,
-        "family": layout.family,
-        "hidden_size": hidden,
-        "heads": heads,
-        "kv_heads": [s.num_kv_heads for s in layout.attentions],
-        "neurons": neurons,
-    }
-    if layout.family == "t5":  # which original heads each block keeps: its slice of the shared position bias
-        record["t5_kept_heads"] = [t5_kept_heads(s.core) for s in layout.attentions]
-    return record
+_FORMAT1_TOKENIZER = re.compile(r"(tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab)\.json"
+                                r"|vocab\.txt|merges\.txt|spiece\.model|chat_template\.jinja")
 
 
-def export_pruned(model: nn.Module, output_dir: Union[str, os.PathLike], overwrite: bool = False,
-                  **save_kwargs: Any) -> transformers.PreTrainedModel:
+def _replaceable(folder: Path) -> list[Path]:
+    """Files of an earlier export in ``folder`` that ``overwrite=True`` may remove; refuses anything else."""
+    listed = listed_files(folder)
+    if listed is None and (folder / STRUCTURE_FILE).is_file():  # format 1 listed no files: the names it (and
+        listed = [p.name for p in folder.iterdir()  # run_glue's tokenizer save next to it) used
+                  if is_model_file(p.name) or _FORMAT1_TOKENIZER.fullmatch(p.name) or p.name == STRUCTURE_FILE]
+    present = {p.name for p in folder.iterdir()}
+    foreign = sorted(present - set(listed or []))
+    if foreign:
+        raise FileExistsError(f"{folder} holds {foreign[:8]}, which no earlier apt_hf export wrote there; "
+                              "overwrite=True only replaces an earlier export. Pick a new folder or move those out.")
+    return [folder / name for name in present]
+
+
+def export_pruned(model: nn.Module, output_dir: Union[str, os.PathLike], tokenizer: Optional[Any] = None,
+                  overwrite: bool = False, **save_kwargs: Any) -> transformers.PreTrainedModel:
     """Merge adapters, remove masked structure physically and save; returns the pruned model.
 
-    The training model is left untouched (the export works on a copy). ``output_dir`` must be empty or absent
-    unless ``overwrite=True``, so nothing a user saved is replaced by accident.
+    The folder loads with :func:`load_pruned` and with stock transformers (``trust_remote_code=True``, see the
+    module docstring); ``tokenizer`` is saved with it (so ``pipeline`` works) and a model card ``README.md``
+    describes what was kept and how to load it. The training model is left untouched (the export works on a copy).
+    ``output_dir`` must be empty or absent unless ``overwrite=True``, which replaces an earlier export there (and
+    refuses a folder holding anything else). ``save_kwargs`` go to ``save_pretrained`` (e.g. ``max_shard_size``).
     """
     out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pick a new folder or pass overwrite=True to replace its files.")
-    pruned = find_apt_model(model).binarized_export_copy()
+    stale: list[Path] = []
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; pick a new folder or pass overwrite=True to replace an "
+                                  "earlier export there.")
+        stale = _replaceable(out)
+    apt = find_apt_model(model)
+    pruned = apt.binarized_export_copy()
+    if not isinstance(pruned, runtime.PrunedModelMixin):  # nothing was pruned: still an export of this format
+        make_exportable(pruned, structure_record(pruned), apt.training_info())
     pruned.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    pruned.save_pretrained(out, **save_kwargs)
-    (out / STRUCTURE_FILE).write_text(json.dumps(structure_record(pruned), indent=2))
+    check_finite(pruned)
+    for path in stale:
+        path.unlink()
+    pruned.save_pretrained(out, tokenizer=tokenizer, **save_kwargs)
     return pruned
 
 
@@ -73,6 +85,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
+    if single.exists() and index.exists():
+        raise ValueError(f"{path} holds both model.safetensors and a sharded index; one of them is stale. Export "
+                         "the model again into an empty folder.")
     if single.exists():
         return load_file(str(single))
     if index.exists():
@@ -86,99 +101,78 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{path} has no model.safetensors (or sharded index); it is not a complete export.")
 
 
-def _shape_model(model: nn.Module, record: dict[str, Any]) -> None:
-    """Resize a freshly built model to the recorded per-site shapes."""
-    layout = describe(model)
-    heads, neurons, hidden = sizes_of(layout)
-    if len(record["heads"]) != len(heads) or len(record["neurons"]) != len(neurons):
-        raise ValueError(f"{STRUCTURE_FILE} describes {len(record['heads'])} attention and {len(record['neurons'])} "
-                         f"FFN sites but config.json builds {len(heads)} and {len(neurons)}; the export is corrupted.")
-    for key, want, full in (("heads", record["heads"], heads), ("neurons", record["neurons"], neurons),
-                            ("hidden_size", [record["hidden_size"]], [hidden])):
-        if any(w > f for w, f in zip(want, full)):
-            raise ValueError(f"{STRUCTURE_FILE} has {key} {want}, more than config.json's unpruned model has "
-                             f"({full}); the export is corrupted.")
-    head_idx = []
-    for site, n_q, n_kv in zip(layout.attentions, record["heads"], record["kv_heads"]):
-        g = site.group_size
-        per_group = n_q // n_kv if n_kv else 0
-        if n_kv and (n_q % n_kv or per_group > g or n_kv > site.num_kv_heads):
-            raise ValueError(f"{STRUCTURE_FILE} asks for {n_q} query / {n_kv} key-value heads, which this "
-                             f"architecture cannot hold; the export is corrupted.")
-        head_idx.append(torch.tensor([j * g + t for j in range(n_kv) for t in range(per_group)], dtype=torch.long)
-                        if g > 1 else torch.arange(n_q))
-    if "t5_kept_heads" in record:  # the fresh model is full, so original indices are current indices
-        kept = record["t5_kept_heads"]
-        if len(kept) != len(heads) or any(len(k) != n or len(set(k)) != n or any(not 0 <= i < h for i in k)
-                                          for k, n, h in zip(kept, record["heads"], heads)):
-            raise ValueError(f"{STRUCTURE_FILE} has t5_kept_heads that disagree with its head counts; "
-                             "the export is corrupted.")
-        head_idx = [torch.tensor(k, dtype=torch.long) for k in kept]
-    masks = APTMasks(heads, neurons, hidden)
-    apply_structure(layout, masks, head_idx, [torch.arange(n) for n in record["neurons"]],
-                    torch.arange(record["hidden_size"]))
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); the export is corrupted.") from None
+
+
+def _stock_classes(path: Path, config: dict) -> tuple[type, type]:
+    """The stock config and model classes named by an export's config.json (format 1: stock names; format 2: the
+    ``apt_pruned_`` model_type and ``AptPruned`` architecture)."""
+    model_type = runtime.stock_model_type(config.get("model_type"))
+    if model_type not in runtime.FAMILIES:
+        raise ValueError(f"{path}/config.json has model_type={config.get('model_type')!r}; apt_hf exports are of "
+                         f"{sorted(runtime.FAMILIES)}. The export is corrupted.")
+    arch = (config.get("architectures") or [None])[0]
+    name = arch[len(CLASS_PREFIX):] if isinstance(arch, str) and arch.startswith(CLASS_PREFIX) else arch
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    config_cls = transformers.CONFIG_MAPPING[model_type]
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) and cls.config_class is config_cls):
+        raise ValueError(f"{path}/config.json names architectures={config.get('architectures')!r}; expected a "
+                         f"transformers model class of model_type {model_type!r} (e.g. {config_cls.__name__[:-6]}"
+                         "ForSequenceClassification). The export is corrupted.")
+    return config_cls, cls
 
 
 def load_pruned(path: Union[str, os.PathLike], **kwargs: Any) -> transformers.PreTrainedModel:
-    """Load a model saved by :func:`export_pruned`, ready for inference.
+    """Load a model saved by :func:`export_pruned` (or by a pruned model's ``save_pretrained``), ready for inference.
 
-    ``kwargs`` go to the model class's ``_from_config`` (e.g. ``dtype=torch.bfloat16``,
-    ``attn_implementation="sdpa"``); ``device_map``-style placement is done with ``.to()`` afterwards.
+    Runs no code from the folder. ``kwargs`` go to the model class's ``_from_config`` (e.g.
+    ``dtype=torch.bfloat16``, ``attn_implementation="sdpa"``); ``device=`` moves the model afterwards.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a folder; pass the output_dir given to apt_hf.export_pruned.")
     record_file = path / STRUCTURE_FILE
     if not record_file.exists():
-        raise FileNotFoundError(f"{path} has no {STRUCTURE_FILE}, so it was not written by apt_hf.export_pruned "
-                                "(an unpruned model loads with transformers' from_pretrained).")
-    try:
-        record = json.loads(record_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{record_file} is not valid JSON ({err}); the export is corrupted.") from None
-    wanted = {"heads", "kv_heads", "neurons", "hidden_size"}
-    missing = wanted - set(record) if isinstance(record, dict) else wanted
-    if missing:
-        raise ValueError(f"{record_file} lacks {sorted(missing)}; the export is corrupted or incomplete.")
-
-    def count(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-    for key in ("heads", "kv_heads", "neurons"):
-        if not isinstance(record[key], list) or not all(count(v) for v in record[key]):
-            raise ValueError(f"{record_file} has {key}={record[key]!r}; it must be a list of non-negative integers, "
-                             "one per site. The export is corrupted.")
-    if not count(record["hidden_size"]):
-        raise ValueError(f"{record_file} has hidden_size={record['hidden_size']!r}; it must be a non-negative "
-                         "integer. The export is corrupted.")
-    if len(record["kv_heads"]) != len(record["heads"]):
-        raise ValueError(f"{record_file} lists {len(record['heads'])} heads entries but {len(record['kv_heads'])} "
-                         "kv_heads entries; the export is corrupted.")
+        raise FileNotFoundError(f"{path} has no {STRUCTURE_FILE}, so it was not written by apt_hf.export_pruned or "
+                                "the save_pretrained of a pruned APT model (a model that was never pruned, e.g. "
+                                "merge_and_unload() of an APT model at density 1, loads with from_pretrained).")
+    record = _read_json(record_file)
+    if isinstance(record, dict):
+        record = {k: v for k, v in record.items() if k != "files"}
+    runtime.check_record(record, str(record_file))
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json; the export is incomplete.")
-    config = transformers.AutoConfig.from_pretrained(path)
-    arch = (config.architectures or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise ValueError(f"config.json names architecture {arch!r}, which transformers does not provide.")
+    config_dict = _read_json(path / "config.json")
+    in_config = config_dict.pop(runtime.RECORD_KEY, None)
+    config_cls, stock = _stock_classes(path, config_dict)
+    drop = ("model_type", "architectures", "auto_map")
+    config = pruned_config_class(config_cls).from_dict({k: v for k, v in config_dict.items() if k not in drop})
+    setattr(config, runtime.RECORD_KEY, record)
+    config.architectures = [CLASS_PREFIX + stock.__name__]
     device = kwargs.pop("device", None)
-    model = cls._from_config(config, **kwargs)
+    model = pruned_model_class(stock)._from_config(config, **kwargs)  # built at the recorded sizes
     dtype = next(model.parameters()).dtype
-    _shape_model(model, record)
+    if in_config is not None and in_config != record:  # (after shaping, whose errors name the bad entry)
+        raise ValueError(f"{record_file} and config.json's {runtime.RECORD_KEY} describe different structures; "
+                         "the export is corrupted.")
     state = _read_state_dict(path)
     # Check shapes before load_state_dict, which raises a bare RuntimeError on a size mismatch even when strict=False.
-    expected = model.state_dict()
+    expected = model.state_dict(keep_vars=True)
     for name, tensor in state.items():
         target = expected.get(name)
         if target is not None and target.shape != tensor.shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)} in the weights but {tuple(target.shape)} in "
                              f"{STRUCTURE_FILE}; the export is corrupted.")
     result = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing_keys = [k for k in result.missing_keys if k not in tied]
-    if missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path} does not match its {STRUCTURE_FILE}: missing {missing_keys[:5]}, unexpected "
-                         f"{result.unexpected_keys[:5]}; the export is corrupted.")
+    loaded = {id(expected[k]) for k in state if k in expected}
+    missing = [k for k in result.missing_keys if id(expected[k]) not in loaded]  # a tied weight came with its twin
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path} does not match its {STRUCTURE_FILE}: missing {missing[:5]}, unexpected "
+                         f"{result.unexpected_keys[:5]}; the export is corrupted. Export it again.")
     model.to(dtype)
     if device is not None:
         model.to(device)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from typing import Optional
 
 import torch
+from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
@@ -17,6 +19,8 @@ from .distill import make_transform
 from .layer import APTLinear, ParamChange
 from .masks import APTMasks, install_mask_hooks, remove_mask_hooks, sizes_of
 from .prune import apply_structure, fold_unit_masks, kept_after
+from .remote import make_exportable, structure_record
+from .runtime import stock_model_type
 
 MASKS_ATTR = "apt_masks"
 BASE_SIZES_ATTR = "apt_base_sizes"  # heads per attention, neurons per FFN, hidden width of the unpruned base model
@@ -37,12 +41,12 @@ class APTModel(BaseTuner):
 
     # ------------------------------------------------------------------------------------------ PEFT hooks
     def _prepare_adapter_config(self, peft_config: APTConfig, model_config: dict) -> APTConfig:
-        if model_config.get("model_type") not in FAMILIES:
+        model_type = stock_model_type(model_config.get("model_type"))
+        if model_type not in FAMILIES:
             raise UnsupportedArchitectureError(
                 f"apt_hf does not support model_type={model_config.get('model_type')!r}. Supported: "
                 f"{', '.join(sorted(FAMILIES))}. Open an issue with the architecture you need.")
         if peft_config.target_modules is None:
-            model_type = model_config.get("model_type")
             if model_type not in self.target_module_mapping:
                 raise ValueError(
                     f"APTConfig.target_modules is None and apt_hf has no default for model_type={model_type!r}; "
@@ -209,25 +213,46 @@ class APTModel(BaseTuner):
 
     def binarized_export_copy(self) -> nn.Module:
         """A merged, physically pruned, mask-free deep copy of the transformers model (spec G, K.9)."""
-        hidden = self.masks.hidden
-        if bool(((hidden > 0) & (hidden < 1)).any()):
-            raise ValueError("The hidden-dimension mask holds fractional values (inside a mask-decay window); "
-                             "export after the pruning event, or set it to 0/1 first.")
+        self._check_binary_hidden()
         self.detach_masking()
         try:
             clone = copy.deepcopy(self)
         finally:
             self.attach_masking()
         clone._mask_handles = []
-        clone.prune_to_masks()
-        layout = clone.layout
-        merged = clone.merge_and_unload()
-        fold_unit_masks(layout, clone.masks)  # after merging, so adapters on o/down projections are folded too
-        return merged
+        return clone.merge_and_unload()
 
-    def _unload_and_optionally_merge(self, *args, **kwargs):
+    def _check_binary_hidden(self) -> None:
+        hidden = self.masks.hidden
+        if bool(((hidden > 0) & (hidden < 1)).any()):
+            raise ValueError("The hidden-dimension mask holds fractional values (inside a mask-decay window); "
+                             "export after the pruning event, or set it to 0/1 first.")
+
+    def training_info(self) -> dict:
+        """How the model was trained, for an export's config.json and model card."""
+        config = next(iter(self.peft_config.values()))  # an APT model holds a single adapter
+        fields = {f.name for f in dataclasses.fields(APTConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
+        settings = {k: v for k, v in config.to_dict().items() if k in fields - {"rank_pattern"} and v is not None}
+        return {"base_model": getattr(self.model, "name_or_path", None) or config.base_model_name_or_path,
+                "density": self.count_params() / self.n_params, "apt_config": settings}
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs):
+        """PEFT's unload; merging also removes every masked block and folds mask values in (as the export does),
+        so ``merge_and_unload()`` returns the model the masks describe. A physically pruned result becomes an
+        ``AptPruned`` model whose ``save_pretrained`` writes a loadable export (``apt_hf.remote``)."""
+        if merge:
+            self._check_binary_hidden()
+            self.prune_to_masks()
+        layout, masks, info = self.layout, self.masks, self.training_info()
+        base_sizes = getattr(self, BASE_SIZES_ATTR).tolist()
         self.detach_masking()
-        return super()._unload_and_optionally_merge(*args, **kwargs)
+        model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
+        if merge:
+            fold_unit_masks(layout, masks)  # after merging, so adapters on o/down projections are folded too
+        record = structure_record(model)
+        if record["heads"] + record["neurons"] + [record["hidden_size"]] != base_sizes:
+            make_exportable(model, record, info)
+        return model
 
 
 def _checked_record(name: str, saved: torch.Tensor) -> torch.Tensor:

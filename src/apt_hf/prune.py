@@ -14,34 +14,8 @@ from torch import nn
 from .arch import AttentionSite, FFNSite, Layout, base_linear
 from .layer import APTLinear, ParamChange, replace_param, select_linear
 from .masks import APTMasks
-from .t5 import cache_argument, prune_attention as prune_t5_attention
-
-
-class EmptyAttention(nn.Module):
-    """Stands in for a BERT or LLaMA attention core whose heads are all gone (T5: see ``apt_hf.t5``).
-
-    BERT's output projection sits outside the core, so the core returns a zero-width context and the projection
-    adds its bias. LLaMA's ``o_proj`` lives inside the core and is kept here under its own name; the layer's
-    key/value cache still receives zero-head entries so the cache length (and generation positions) stay right.
-    """
-
-    def __init__(self, family: str, o_proj: Optional[nn.Module] = None, layer_idx: Optional[int] = None,
-                 head_dim: int = 0) -> None:
-        super().__init__()
-        self.family, self.layer_idx, self.head_dim = family, layer_idx, head_dim
-        if o_proj is not None:
-            self.o_proj = o_proj
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        empty = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
-        if self.family == "bert":
-            return empty, None
-        cache = cache_argument(kwargs)
-        if cache is not None:
-            b, t = hidden_states.shape[:2]
-            kv = hidden_states.new_zeros(b, 0, t, self.head_dim)
-            cache.update(kv, kv.clone(), self.layer_idx)
-        return self.o_proj(empty), None
+from .runtime import set_heads
+from .t5 import t5_original_indices
 
 
 def _select(module: nn.Module, out_idx: Optional[torch.Tensor], in_idx: Optional[torch.Tensor],
@@ -105,23 +79,8 @@ def prune_heads(layout: Layout, i: int, heads: torch.Tensor, changes: list[Param
     _select(site.k, kv_rows, None, changes)
     _select(site.v, kv_rows, None, changes)
     _select(site.o, None, q_rows, changes)
-    core = site.core
-    n = len(heads)
-    if layout.family == "t5":  # per-block slices of the shared position bias (apt_hf.t5)
-        prune_t5_attention(core, heads, dh)
-        if n == 0:
-            site.q = site.k = site.v = None
-        return
-    if n == 0:
-        llama = layout.family == "llama"
-        setattr(site.parent, site.core_name, EmptyAttention(layout.family, site.o if llama else None,
-                                                            getattr(core, "layer_idx", None), dh))
-        site.q = site.k = site.v = None
-        return
-    if layout.family == "bert":
-        core.num_attention_heads, core.all_head_size = n, n * dh
-    elif layout.family == "llama":
-        core.num_key_value_groups = new_group
+    t5_kept = t5_original_indices(site.core, heads) if layout.family == "t5" else None
+    set_heads(layout, i, len(heads), new_group, t5_kept)
 
 
 def prune_neurons(site: FFNSite, neurons: torch.Tensor, changes: list[ParamChange]) -> None:
