@@ -389,11 +389,16 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- main
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    # 1. Parse the arguments.
+def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser((ModelArguments, DataArguments, MethodArguments, APTArguments, TrainingArguments),
                               prog=Path(__file__).name)
     parser.set_defaults(**TRAINING_DEFAULTS)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    # 1. Parse the arguments.
+    parser = build_parser()
     model_args, data_args, method_args, apt_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.learning_rate is None:
         training_args.learning_rate = DEFAULT_LEARNING_RATE[method_args.method]

@@ -231,6 +231,18 @@ def test_help_lists_the_method_and_apt_options(run_glue, capsys):
     assert "APTConfig's, 0.6" in text  # the defaults shown are APTConfig's
 
 
+def test_demo_script_flags_parse(run_glue):
+    """scripts/demo.sh's run_glue.py flags are all known to the script (a renamed flag would break the demo)."""
+    import shlex
+
+    text = (REPO / "scripts" / "demo.sh").read_text()
+    command = text[text.index("python examples/run_glue.py"):].replace("\\\n", " ").splitlines()[0]
+    argv = [a for a in shlex.split(command)[2:] if a != "$@"]
+    model_args, data_args, method_args, apt_args, training_args = \
+        run_glue.build_parser().parse_args_into_dataclasses(args=argv)
+    assert data_args.task_name == "sst2" and method_args.overwrite_output_dir and apt_args.distillation is False
+
+
 # ------------------------------------------------------------------------------------------------ your own data
 def write_csv(path: Path, rows: list[tuple[str, str]], header: str = "review,sentiment") -> Path:
     path.write_text("\n".join([header, *(f"{text},{label}" for text, label in rows)]) + "\n")
@@ -250,7 +262,7 @@ def test_own_csv_with_string_labels(tmp_path):
     dev = write_csv(tmp_path / "dev.csv", REVIEWS)
     out = tmp_path / "run"
     proc = run_script(["--train_file", str(train), "--validation_file", str(dev), "--label_column_name", "sentiment",
-                       "--max_seq_length", "16", "--per_device_train_batch_size", "8", "--max_steps", "6",
+                       "--max_seq_length", "16", "--per_device_train_batch_size", "8", "--max_steps", "8",
                        "--disable_tqdm", "True", "--speed_repeats", "0", "--distillation", "False",
                        "--output_dir", str(out)])
     assert proc.returncode == 0, explain(proc)

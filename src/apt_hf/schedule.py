@@ -263,8 +263,8 @@ def resolve_plan(cfg: APTConfig, max_steps: int, distill: bool = True) -> Plan:
     """Turn the config's step counts / fractions into concrete steps for a run of ``max_steps`` (spec D.2-D.3, F.2).
 
     ``distill`` says whether the trainer self-distils (``APTTrainer`` does, a stock ``Trainer`` does not); with it
-    and ``cfg.distillation`` the distillation window is resolved and checked as well. Every problem raises ``ValueError`` naming the setting to
-    change and the run length.
+    and ``cfg.distillation`` the distillation window is resolved and checked as well. Every problem raises
+    ``ValueError`` naming the setting to change and the run length.
     """
     start, end = as_steps(cfg.pruning_start, max_steps), as_steps(cfg.pruning_end, max_steps)
     warmup = as_steps(cfg.sparsity_warmup, max_steps)
