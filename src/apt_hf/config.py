@@ -216,27 +216,28 @@ class APTConfig(PeftConfig):
         steps 2647-44747). Every other field keeps its default (the paper's values too) unless ``overrides`` name it.
         The paper trains 40 epochs; a run shorter than about 21 epochs cannot fit this schedule (use the defaults).
         """
-        schedule = dict(PAPER_SCHEDULE)
+        settings = {**PAPER_SCHEDULE, **overrides}
         if steps_per_epoch is not None:
             if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
                 raise ValueError(f"steps_per_epoch={steps_per_epoch!r} is invalid: use the number of optimizer steps "
                                  "per epoch (a positive integer), or None for fractions of a 40-epoch run.")
-            from .schedule import pruning_event_steps, target_density
+            from .schedule import resolve_plan
 
-            start, end, warmup = schedule["pruning_start"], 3 * steps_per_epoch, steps_per_epoch
-            sparsity = overrides.get("target_sparsity", cls.target_sparsity)
-            events = pruning_event_steps(start, end, schedule["num_pruning_events"])
-            first = next((e for e in events if target_density(e, start=start, end=end, warmup_steps=warmup,
-                                                              final_density=1.0 - sparsity) < 1), end)
-            schedule.update(pruning_end=end, sparsity_warmup=warmup,
-                            distill_end=first + 1 + PAPER_DISTILL_EPOCHS * steps_per_epoch)
-        return cls(**{**schedule, **overrides})
+            epoch_based = {"pruning_end": 3 * steps_per_epoch, "sparsity_warmup": steps_per_epoch}
+            settings = {**PAPER_SCHEDULE, **epoch_based, **overrides}
+            if "distill_end" not in overrides:  # 20 epochs from the step after the first real event (spec F.2)
+                plan = resolve_plan(cls(**{**settings, "distill_end": None}), PAPER_EPOCHS * steps_per_epoch,
+                                    distill=False)
+                first = plan.first_real_event if plan.first_real_event is not None else plan.end
+                settings["distill_end"] = first + 1 + PAPER_DISTILL_EPOCHS * steps_per_epoch
+        return cls(**settings)
 
     def resolve_schedule(self, total_steps: int, distill: bool = True) -> "Plan":
         """The concrete schedule of a run of ``total_steps`` optimizer steps: event steps, mask-decay windows,
         density targets and, when ``distillation`` is on and the trainer self-distils (``distill``: ``APTTrainer``
-        does, a stock ``Trainer`` does not), the distillation window. Raises ``ValueError`` naming the setting to change when the schedule does not fit
-        the run: the check ``APTCallback`` makes at train start, available before a model is built."""
+        does, a stock ``Trainer`` does not), the distillation window. Raises ``ValueError`` naming the setting to
+        change when the schedule does not fit the run: the check ``APTCallback`` makes at train start, available
+        before a model is built."""
         from .schedule import resolve_plan
 
         return resolve_plan(self, total_steps, distill)
