@@ -30,8 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "examples")]
 from apt_hf.plot import LINESTYLES, MARKERS, plot_schedule  # noqa: E402
+from utils_glue import get_task_spec  # noqa: E402
 
 # method name -> run_glue.py flags
 METHODS: dict[str, list[str]] = {
@@ -98,7 +99,7 @@ def plot(results: dict, path_curves: Path, path_apt: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    task, metric, args = meta["task"].upper(), meta["metric"], meta.get("args", {})
+    task, metric, args = get_task_spec(meta["task"]).folder, meta["metric"], meta.get("args", {})
     setting = (f"{args['train_rows']} rows, {args['epochs']:g} epochs, seed {args['seed']}, "
                f"{1 - args['target_sparsity']:.0%} density") if args else ""
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
