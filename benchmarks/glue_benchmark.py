@@ -99,7 +99,8 @@ def plot(results: dict, path_curves: Path, path_apt: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    task, metric, args = get_task_spec(meta["task"]).folder, meta["metric"], meta.get("args", {})
+    task = get_task_spec(meta["task"]).folder if "task" in meta else "GLUE"
+    metric, args = meta["metric"], meta.get("args", {})
     setting = (f"{args['train_rows']} rows, {args['epochs']:g} epochs, seed {args['seed']}, "
                f"{1 - args['target_sparsity']:.0%} density") if args else ""
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -120,8 +121,9 @@ def plot(results: dict, path_curves: Path, path_apt: Path, meta: dict) -> None:
     fig.tight_layout()
     fig.savefig(path_curves, dpi=120)
     plt.close(fig)
-    plot_schedule(results["apt"]["log_history"], path_apt, title=f"{task}: APT schedule (kept density, mean rank)"
-                  + (f"\n({setting})" if setting else ""))
+    if any("apt/density" in h for h in results["apt"]["log_history"]):
+        plot_schedule(results["apt"]["log_history"], path_apt,
+                      title=f"{task}: APT schedule (kept density, mean rank)" + (f"\n({setting})" if setting else ""))
 
 
 def main() -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from .arch import describe
 from .callback import APTCallback
 from .config import APT_PEFT_TYPE, APTConfig
 from .export import export_pruned, load_pruned
 from .layer import APTLinear
-from .arch import describe
 from .masks import APTMasks, dense_count
 from .model import APTModel, find_apt_model
 from .trainer import APTTrainer

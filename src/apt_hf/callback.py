@@ -259,7 +259,7 @@ class APTCallback(TrainerCallback):
         stats = self.stats()
         self._pending.update(stats)
         logger.info("APT: held-back blocks removed physically: %d params, heads %d, neurons %d, hidden %d.",
-                       stats["apt/params"], stats["apt/heads"], stats["apt/neurons"], stats["apt/hidden"])
+                    stats["apt/params"], stats["apt/heads"], stats["apt/neurons"], stats["apt/hidden"])
 
     def _commit(self, optimizer, before: list, changes: list) -> None:
         """Optimizer surgery, DDP re-wrap and listeners after parameters were replaced or removed (spec K.6)."""
