@@ -38,7 +38,7 @@ TINY_RUN = ["--task_name", "sst2", "--glue_dir", str(GLUE_DIR), "--max_train_sam
             "--speed_seq_length", "64"]
 
 
-def run_script(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def run_script(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
