@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -72,7 +73,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import datasets  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
@@ -254,9 +254,9 @@ def optimizer_steps(n_train: int, args: TrainingArguments) -> int:
     """The number of optimizer steps `Trainer` will run (its own formula, for one epoch-based or max_steps run)."""
     if args.max_steps > 0:
         return args.max_steps
-    batches = -(-n_train // (args.per_device_train_batch_size * args.world_size))
-    per_epoch = max(-(-batches // args.gradient_accumulation_steps), 1)
-    return int(np.ceil(args.num_train_epochs * per_epoch))
+    batches = math.ceil(n_train / (args.per_device_train_batch_size * args.world_size))
+    per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
 
 
 def build_apt_config(apt_args: APTArguments, method_args: MethodArguments, total_steps: int) -> apt_hf.APTConfig:
