@@ -311,8 +311,9 @@ def find_checkpoint(training_args: TrainingArguments, method_args: MethodArgumen
     if not out.is_dir() or not any(out.iterdir()):
         return None
     if method_args.overwrite_output_dir:
-        for old in out.glob("checkpoint-*"):  # a later plain rerun must not resume from the previous run's state
-            shutil.rmtree(old)
+        if training_args.process_index == 0:  # a later plain rerun must not resume from the previous run's state
+            for old in out.glob("checkpoint-*"):
+                shutil.rmtree(old)
         return None
     last = get_last_checkpoint(str(out))
     if last is None:
@@ -484,7 +485,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     clock = EvalClock(spec.main_metric)
     trainer = trainer_cls(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                           processing_class=tokenizer, compute_metrics=metrics_of, callbacks=[clock])
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    # A checkpoint found in --output_dir is passed as True: the Trainer then resumes from the newest one it can use.
+    resume = training_args.resume_from_checkpoint or (True if checkpoint is not None else None)
+    train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # the adapter (or model) and tokenizer, in <output_dir>
     if method_args.method == "lora_prune":  # LoRA+Prune: merge, then retraining-free structured pruning (Kwon 2022)
         from apt_hf.baselines import fisher_prune

@@ -337,7 +337,7 @@ def test_output_dir_rules(run_glue, tmp_path):
 @needs_real_data
 def test_resume_from_checkpoint_continues_the_run(tmp_path):
     """Issue 12: --resume_from_checkpoint reaches trainer.train; the resumed run starts at the checkpoint's step,
-    restores APT's state and ends where the uninterrupted run ended."""
+    restores APT's state and ends where the uninterrupted run ended; a plain rerun resumes from the last one."""
     out = tmp_path / "run"
     base = ["--task_name", "sst2", "--glue_dir", str(GLUE_DIR), "--max_train_samples", "64", "--max_eval_samples",
             "16", "--max_seq_length", "16", "--per_device_train_batch_size", "8", "--max_steps", "8",
@@ -354,3 +354,8 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
     assert again["optimizer_steps"] == 8 and again["density"] == full["density"] < 1
     assert again["eval_metrics"]["eval_loss"] == pytest.approx(full["eval_metrics"]["eval_loss"], abs=1e-5)
     assert [h["step"] for h in again["log_history"] if "loss" in h] == list(range(1, 9))  # steps 1-4 from the state
+    plain = run_script(base)  # a plain rerun into the same folder resumes from its last checkpoint, never restarts
+    assert plain.returncode == 0, explain(plain)
+    last = json.loads((out / "summary.json").read_text())
+    assert last["start_step"] == 8 and last["resumed_from"] == str(out / "checkpoint-8")
+    assert last["eval_metrics"]["eval_loss"] == pytest.approx(full["eval_metrics"]["eval_loss"], abs=1e-5)
