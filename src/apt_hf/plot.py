@@ -242,7 +242,8 @@ def plot_structure(source: Union[Structure, nn.Module, PathLike], path: Optional
             ax.imshow(np.asarray(counts, dtype=float)[:, None], aspect="auto", cmap="Blues", vmin=0,
                       interpolation="nearest")
             for i, c in enumerate(counts):
-                ax.text(0, i, str(c), ha="center", va="center", fontsize=8)
+                ax.text(0, i, str(c), ha="center", va="center", fontsize=8,
+                        color="white" if c > 0.6 * max(counts) else "black")
             ax.set_xticks([])
             ax.set_xlabel(f"kept {what}")
             labels = [str(i) for i in range(len(counts))]
