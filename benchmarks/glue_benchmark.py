@@ -13,6 +13,7 @@ process, medians). Outputs go to
     python benchmarks/glue_benchmark.py --task mrpc --train_rows 3668 --epochs 3 --max_length 128 \
         --methods ft,lora,apt,lora_prune,apt_wo_DS,apt_wo_AT,apt_wo_AP --out runs/benchmark_mrpc
     python benchmarks/glue_benchmark.py --malloc_mmap_threshold 131072 --results_tag _mmap128k   # memory run
+    python benchmarks/glue_benchmark.py --replot benchmarks/results/glue_sst2.json   # redraw a results file's plots
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "examples")]
+from apt_hf.plot import LINESTYLES, MARKERS, plot_schedule  # noqa: E402
+from utils_glue import get_task_spec  # noqa: E402
 
 # method name -> run_glue.py flags
 METHODS: dict[str, list[str]] = {
@@ -50,6 +54,7 @@ def run_method(name: str, args: argparse.Namespace, out: Path) -> dict:
            "--per_device_eval_batch_size", "64", "--num_train_epochs", str(args.epochs), "--learning_rate", str(lr),
            "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps), "--logging_steps", "10",
            "--save_strategy", "no", "--report_to", "none", "--seed", str(args.seed), "--disable_tqdm", "True",
+           "--overwrite_output_dir", "True",
            "--target_sparsity", str(args.target_sparsity), "--output_dir", str(out / name),
            "--export_dir", str(out / name / "export"), "--overwrite_export", "True",
            "--speed_repeats", str(args.speed_repeats), "--speed_batch_size", "32", "--speed_seq_length", "128"]
@@ -86,40 +91,39 @@ def pruned_history(name: str, run: dict) -> list[dict]:
     return [h for h in run["eval_history"] if h["step"] >= max(events)]
 
 
-def plot(results: dict, path_curves: Path, path_apt: Path, metric: str) -> None:
+def plot(results: dict, path_curves: Path, path_apt: Path, meta: dict) -> None:
+    """Dev metric vs training time per method (a distinct colour, marker and line style each, so that overlapping
+    curves stay apart) and APT's schedule (``apt_hf.plot.plot_schedule``), titled with the task and setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, r) in enumerate(results.items()):  # dashed: evaluations before the delivered density
+    task = get_task_spec(meta["task"]).folder if "task" in meta else "GLUE"
+    metric, args = meta["metric"], meta.get("args", {})
+    setting = (f"{args['train_rows']} rows, {args['epochs']:g} epochs, seed {args['seed']}, "
+               f"{1 - args['target_sparsity']:.0%} density") if args else ""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, (name, r) in enumerate(results.items()):  # thin: evaluations before the delivered density
         full, h = r["eval_history"], pruned_history(name, r)
+        style = dict(color=f"C{i}", marker=MARKERS[i % len(MARKERS)], ls=LINESTYLES[i % len(LINESTYLES)])
         if len(h) < len(full):
-            ax.plot([p["train_time_s"] for p in full], [p["metric"] for p in full], color=f"C{i}", ls="--", lw=0.8,
-                    alpha=0.5)
-        ax.plot([p["train_time_s"] for p in h], [p["metric"] for p in h], color=f"C{i}", marker="o", ms=3, label=name)
+            ax.plot([p["train_time_s"] for p in full], [p["metric"] for p in full], lw=0.7, ms=2.5, alpha=0.45,
+                    **style)
+        ax.plot([p["train_time_s"] for p in h], [p["metric"] for p in h], lw=1.4, ms=5, label=name, **style)
     ft_best = max(h["metric"] for h in results["ft"]["eval_history"])
-    ax.axhline(0.97 * ft_best, color="grey", ls="--", lw=1, label="97% of FT best")
+    ax.axhline(0.97 * ft_best, color="grey", ls=(0, (1, 3)), lw=1.2, label="97% of FT best")
     ax.set_xlabel("training wall-clock (s, evaluation excluded)")
     ax.set_ylabel(f"dev {metric}")
-    ax.legend(fontsize=8)
+    ax.set_title(f"{task}: dev {metric} during training" + (f"\n({setting})" if setting else ""), fontsize=10)
+    ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path_curves, dpi=120)
-    logs = [h for h in results["apt"]["log_history"] if "apt/density" in h and "loss" in h]
-    fig, ax1 = plt.subplots(figsize=(7, 4))
-    ax1.plot([h["step"] for h in logs], [h["apt/density"] for h in logs], color="C0", label="kept density")
-    ax1.plot([h["step"] for h in logs], [h["apt/target_density"] for h in logs], color="C0", ls=":",
-             label="next target")
-    ax1.set_xlabel("optimizer step")
-    ax1.set_ylabel("density (kept / original params)")
-    ax2 = ax1.twinx()
-    ax2.plot([h["step"] for h in logs], [h["apt/mean_rank"] for h in logs], color="C3", label="mean adapter rank")
-    ax2.set_ylabel("mean adapter rank")
-    fig.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path_apt, dpi=120)
+    plt.close(fig)
+    if any("apt/density" in h for h in results["apt"]["log_history"]):
+        plot_schedule(results["apt"]["log_history"], path_apt,
+                      title=f"{task}: APT schedule (kept density, mean rank)" + (f"\n({setting})" if setting else ""))
 
 
 def main() -> None:
@@ -145,11 +149,16 @@ def main() -> None:
     p.add_argument("--apt_args", default="", help="Extra run_glue.py flags for the APT methods (diagnostic variants, "
                                                   "e.g. \"--distill_layer_weight 0\"); use with --results_tag.")
     p.add_argument("--results_tag", default="", help="Suffix of the result files: glue_<task><tag>.json etc.")
+    p.add_argument("--replot", metavar="RESULTS_JSON", help="Redraw the plots of a results file; nothing else changes.")
     p.add_argument("--rescore", metavar="RESULTS_JSON",
                    help="Recompute the table (and plots) of a committed results file from its recorded runs with "
                         "this script's current scoring rules; nothing is re-run. The file's meta.command is kept "
                         "and this invocation is recorded as meta.rescored_by.")
     args = p.parse_args()
+    if args.replot:
+        data = json.loads(Path(args.replot).read_text())
+        draw(Path(args.replot).with_suffix(""), data["meta"], data["runs"])
+        return
     if args.rescore:
         rescore(Path(args.rescore))
         return
@@ -208,10 +217,13 @@ def save(stem: Path, meta: dict, runs: dict[str, dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    if "ft" in runs and "apt" in runs:
-        plot(runs, stem.parent / f"{stem.name}_curves.png", stem.parent / f"{stem.name}_apt_schedule.png",
-             meta["metric"])
+    draw(stem, meta, runs)
     print(json.dumps(rows, indent=2), flush=True)
+
+
+def draw(stem: Path, meta: dict, runs: dict[str, dict]) -> None:
+    if "ft" in runs and "apt" in runs:
+        plot(runs, stem.parent / f"{stem.name}_curves.png", stem.parent / f"{stem.name}_apt_schedule.png", meta)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import logging
 import os
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -27,9 +28,10 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Tra
                           TrainingArguments)
 
 import apt_hf  # noqa: E402
-from apt_hf.glue import load_glue_split  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+from utils_glue import load_glue_split  # noqa: E402
 
 
 class StepTimer(TrainerCallback):

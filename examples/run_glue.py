@@ -1,11 +1,24 @@
 #!/usr/bin/env python
 # Copyright 2024 The apt_hf authors. Licensed under the Apache License, Version 2.0.
-"""Fine-tune a sequence classifier on one GLUE task with APT, LoRA or full fine-tuning, fully offline.
+"""Fine-tune a sequence classifier with APT, LoRA or full fine-tuning, on a GLUE task or on your own data, offline.
 
 APT (Adaptive Pruning and Tuning) trains low-rank adapters while pruning heads, FFN neurons and hidden
 dimensions of the model, then exports a small dense model. LoRA and full fine-tuning (``ft``) are the baselines.
-The GLUE data is read from the original TSV files (``glue_data/`` layout), metrics are computed with numpy and
-nothing is fetched from the Hugging Face Hub.
+Nothing is fetched from the Hugging Face Hub unless you set ``HF_HUB_OFFLINE=0``.
+
+Data, one of (as in transformers' ``examples/pytorch/text-classification/run_glue.py``):
+
+- ``--task_name sst2``: a GLUE task, read from the original TSV files under ``--glue_dir`` (``glue_data/`` layout);
+- ``--train_file train.csv --validation_file dev.csv``: your own CSV, TSV, JSON or JSON-lines files with one or two
+  text columns (``sentence1``/``sentence2``, the one or two string columns, or ``--text_column_names``) and a
+  ``label`` column (``--label_column_name``): string or integer labels make a classification task, float labels a
+  regression task;
+- ``--dataset_name NAME [--dataset_config_name CONFIG]``: a Hub dataset (with ``HF_HUB_OFFLINE=0``) or a local
+  dataset folder, with a ``train`` and a ``--validation_split_name`` split.
+
+``utils_glue.py`` (beside this script) reads the data through ``datasets`` and computes the metrics with
+scikit-learn and SciPy: GLUE's metric per task; accuracy for your own classification data; Pearson, Spearman and
+MSE for regression.
 
 Short CPU demo (a few minutes on 2 cores; the default model is the offline all-MiniLM-L6-v2 checkpoint)::
 
@@ -14,27 +27,28 @@ Short CPU demo (a few minutes on 2 cores; the default model is the offline all-M
 
 The same command runs under ``accelerate launch examples/run_glue.py ...``. The run ends with a summary (task,
 method, main dev metric, kept parameters and, for APT, the exported model's speed-up over the dense model) that
-is also written to ``<output_dir>/summary.json``; APT's pruned model is exported to ``<output_dir>/pruned_model``
-and loads back with ``apt_hf.load_pruned``.
+is also written to ``<output_dir>/summary.json``; the trained adapter (or model) is saved to ``<output_dir>``, and
+APT's pruned model is exported to ``<output_dir>/pruned_model`` (it loads back with ``apt_hf.load_pruned``).
+``python -m apt_hf.plot <output_dir>`` draws the run.
 
-APT schedule: ``pruning_start``, ``pruning_end``, ``sparsity_warmup`` and ``distill_end`` accept a step count
-(``200``) or a fraction of the run's optimizer steps (``0.6``, written with a decimal point). The defaults here
-suit a short run: prune between 5 % and 60 % of training in 5 events, self-distil while pruning, and give the last
-40 % of training to task-loss fine-tuning of the pruned model. ``APTConfig``'s own defaults follow the paper's
-40-epoch schedule. Without ``--mask_decay_window`` the masks move during ``min(200, gap // 2)`` steps before each
-event, where ``gap`` is the number of steps between two events.
+Checkpoints and resuming, as in transformers' example: with ``--save_strategy steps`` (or ``epoch``) a run saves
+checkpoints; ``--resume_from_checkpoint <output_dir>/checkpoint-N`` continues from one, and a rerun into an
+``--output_dir`` that holds checkpoints resumes from the last one. A rerun into a non-empty ``--output_dir``
+without checkpoints is refused unless ``--overwrite_output_dir``, which starts over (removing the old checkpoints).
+
+APT schedule: every option left out takes ``apt_hf.APTConfig``'s default. ``pruning_start``, ``pruning_end``,
+``sparsity_warmup`` and ``distill_end`` accept a step count (``200``) or a fraction of the run's optimizer steps
+(``0.6``, written with a decimal point). The defaults fit a run of any length: prune between 5 % and 60 % of
+training in 5 events, self-distil while pruning, and give the last 40 % of training to task-loss fine-tuning of
+the pruned model; the masks move during ``min(200, gap // 2)`` steps before each event, where ``gap`` is the
+number of steps between two events. ``apt_hf.APTConfig.paper_preset`` documents the paper's 40-epoch schedule.
 
 Self-distillation is on by default, as in ``APTConfig``: from the first event to ``--distill_end`` the loss is
 ``mu L_distill + (1 - mu) L_task`` against a frozen snapshot of the model's own adapters, then the pruned model is
 fine-tuned with the task loss on a fresh schedule peaking at ``--post_distill_lr_ratio`` x the learning rate. While
 distilling, pruned blocks are only zero-masked and are removed physically at the next teacher refresh and at
 ``--distill_end``, so the teacher keeps the structure it was snapshotted with. ``--distillation False`` is the
-paper's "w/o D_S" ablation.
-
-``--distill_end`` defaults to ``--pruning_end``, the end of the pruning window, where mu reaches 1. The paper
-distils far longer (to epoch 20 of 40, with mu = 1 after the window), but its teacher has trained for over an epoch
-of the full task before pruning starts. In a run of a few hundred steps the teacher is an early, weak snapshot, and
-distilling from it after the window caps the student at the teacher's accuracy (README, Results).
+paper's "w/o D_S" ablation, the better choice in short runs (README, Results).
 
 Without ``--learning_rate``, APT and LoRA use 5e-4 (adapters and the task head) and full fine-tuning 5e-5.
 """
@@ -46,10 +60,11 @@ import logging
 import math
 import os
 import resource
+import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -58,7 +73,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import datasets  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
@@ -72,17 +86,19 @@ from transformers import (  # noqa: E402
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = Path(__file__).resolve().parent
+REPO_ROOT = EXAMPLES.parent
+sys.path.insert(0, str(EXAMPLES))  # utils_glue.py, beside this script (as transformers' run_qa.py imports utils_qa)
 try:
     import apt_hf
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT / "src"))
     import apt_hf
 import peft  # noqa: E402  (after apt_hf, which registers the APT tuner with PEFT)
-from apt_hf.arch import CountModel, describe  # noqa: E402
-from apt_hf.callback import resolve_plan  # noqa: E402
-from apt_hf.glue import GlueDataError, compute_glue_metrics, get_task_spec, load_glue_split  # noqa: E402
+from utils_glue import (DataError, compute_metrics, get_task_spec, load_data_files, load_glue_split,  # noqa: E402
+                        load_hub_dataset, standardize)
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +120,11 @@ TRAINING_DEFAULTS = dict(
 )
 
 
+def apt_default(name: str) -> Any:
+    """``APTConfig``'s default of one field (for the help texts: the defaults live in APTConfig only)."""
+    return apt_hf.APTConfig.__dataclass_fields__[name].default
+
+
 @dataclass
 class ModelArguments:
     """Which checkpoint to fine-tune."""
@@ -118,12 +139,23 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """Which GLUE task to train and evaluate on, and how to feed it to the model."""
+    """What to train and evaluate on (one of: a GLUE task, your own files, a Hub dataset), and how to feed it."""
 
-    task_name: Optional[str] = field(default=None, metadata={"help": "GLUE task: cola, sst2, mrpc, stsb, qqp, "
-                                                                     "mnli, qnli, rte or wnli."})
+    task_name: Optional[str] = field(default=None, metadata={"help": "GLUE task read from --glue_dir: cola, sst2, "
+                                                                     "mrpc, stsb, qqp, mnli, qnli, rte or wnli."})
     glue_dir: str = field(default=str(DEFAULT_GLUE_DIR), metadata={"help": "Folder holding the GLUE task "
                                                                            "folders (SST-2, MNLI, ...)."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Your training data: a .csv, .tsv, .json or "
+                                                                      ".jsonl file (with --validation_file)."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Your evaluation data, same format."})
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "A Hub dataset (needs HF_HUB_OFFLINE=0) "
+                                                                        "or a local dataset folder."})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    validation_split_name: str = field(default="validation", metadata={"help": "--dataset_name: evaluation split."})
+    text_column_names: Optional[str] = field(
+        default=None, metadata={"help": "Your data: the one or two text columns, comma-separated (default: "
+                                        "sentence1[,sentence2], else the one or two string columns)."})
+    label_column_name: str = field(default="label", metadata={"help": "Your data: the label column."})
     max_seq_length: int = field(default=128, metadata={"help": "Inputs are truncated to this many tokens."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Train on the first N rows only."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate on the first N rows only."})
@@ -131,7 +163,7 @@ class DataArguments:
 
 @dataclass
 class MethodArguments:
-    """How to adapt the model: APT, LoRA or full fine-tuning; where to export; how to time inference."""
+    """How to adapt the model: APT, LoRA or full fine-tuning; where to write; how to time inference."""
 
     method: str = field(default="apt", metadata={"help": "apt, lora, lora_prune (LoRA, then retraining-free Fisher "
                                                  "pruning to the same density) or ft.",
@@ -140,6 +172,10 @@ class MethodArguments:
                                                        "information and mask tuning."})
     lora_r: int = field(default=8, metadata={"help": "Adapter rank (LoRA) / initial adapter rank (APT)."})
     lora_alpha: float = field(default=16.0, metadata={"help": "Adapter alpha; scale = lora_alpha / lora_r."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Train from scratch into a non-empty --output_dir (its checkpoint-* folders "
+                                         "are removed). Without it, a rerun resumes from the last checkpoint there, "
+                                         "or is refused if there is none."})
     export_dir: Optional[str] = field(
         default=None,
         metadata={"help": "APT only: where the pruned model is exported. Default <output_dir>/pruned_model, "
@@ -152,39 +188,42 @@ class MethodArguments:
     speed_seq_length: int = field(default=128, metadata={"help": "Tokens per input of the speed-up measurement."})
 
 
+def _apt_field(name: str, what: str) -> Any:
+    """An optional APT option: left out, it takes APTConfig's default (shown in the help)."""
+    return field(default=None, metadata={"help": f"{what} (default: APTConfig's, {apt_default(name)!r})."})
+
+
 @dataclass
 class APTArguments:
-    """The main `apt_hf.APTConfig` fields (pruning and tuning schedule), with defaults for a short run.
+    """The main `apt_hf.APTConfig` fields; each one left out takes APTConfig's default.
 
-    ``pruning_start``, ``pruning_end`` and ``sparsity_warmup`` are a step count ("200") or a fraction of the
-    run's optimizer steps ("0.6").
+    ``pruning_start``, ``pruning_end``, ``sparsity_warmup`` and ``distill_end`` are a step count ("200") or a
+    fraction of the run's optimizer steps ("0.6").
     """
 
-    target_sparsity: float = field(default=0.6, metadata={"help": "Fraction of parameters removed (0.6 keeps 40 percent)."})
-    pruning_start: str = field(default="0.05", metadata={"help": "First step (int) or fraction of the run (float) "
-                                                                  "of the pruning window."})
-    pruning_end: str = field(default="0.6", metadata={"help": "Step or fraction of the last pruning event."})
-    sparsity_warmup: str = field(default="0.05", metadata={"help": "Steps or fraction kept at density 1 after "
-                                                                    "pruning_start."})
-    num_pruning_events: int = field(default=5, metadata={"help": "Number of pruning/tuning events."})
-    mask_decay_window: Optional[int] = field(
-        default=None, metadata={"help": "Steps before each event in which masks move gradually. Default "
-                                        "min(200, gap // 2), gap = steps between two events."})
-    mask_decay: float = field(default=0.01, metadata={"help": "Mask step per optimizer step inside a window."})
-    adaptive_pruning: bool = field(default=True, metadata={"help": "Prune (--adaptive_pruning False: no pruning)."})
-    adaptive_tuning: bool = field(default=True, metadata={"help": "Grow adapter ranks (False: fixed ranks)."})
-    max_rank: int = field(default=64, metadata={"help": "Rank cap of any adapter."})
-    tuning_budget_ratio: float = field(default=4.0, metadata={"help": "Final adapter budget / initial size."})
-    distillation: bool = field(default=True, metadata={"help": "Self-distillation (spec F); False is the paper's "
-                                                                 "'w/o D_S' ablation."})
-    distill_end: Optional[str] = field(default=None, metadata={"help": "With --distillation True: step or fraction "
-                                                                        "at which distillation ends (default: "
-                                                                        "--pruning_end); the rest is task-loss "
-                                                                        "fine-tuning."})
-    distill_layer_weight: float = field(default=0.9, metadata={"help": "a_layer, weight of the layer loss (spec "
-                                                                       "F.3: 0.9)."})
-    post_distill_lr_ratio: float = field(default=0.1, metadata={"help": "Peak learning-rate factor of the fresh "
-                                                                        "schedule after distillation (spec F.2: 0.1)."})
+    target_sparsity: Optional[float] = _apt_field("target_sparsity", "Fraction of parameters removed (0.6 keeps 40 "
+                                                                      "percent)")
+    pruning_start: Optional[str] = _apt_field("pruning_start", "First step (int) or fraction of the run (float) of "
+                                                               "the pruning window")
+    pruning_end: Optional[str] = _apt_field("pruning_end", "Step or fraction of the last pruning event")
+    sparsity_warmup: Optional[str] = _apt_field("sparsity_warmup", "Steps or fraction kept at density 1 after "
+                                                                   "pruning_start")
+    num_pruning_events: Optional[int] = _apt_field("num_pruning_events", "Number of pruning/tuning events")
+    mask_decay_window: Optional[int] = _apt_field("mask_decay_window", "Steps before each event in which masks "
+                                                                       "move gradually; None: min(200, gap // 2), "
+                                                                       "gap = steps between two events")
+    mask_decay: Optional[float] = _apt_field("mask_decay", "Mask step per optimizer step inside a window")
+    adaptive_pruning: Optional[bool] = _apt_field("adaptive_pruning", "Prune (False: no pruning)")
+    adaptive_tuning: Optional[bool] = _apt_field("adaptive_tuning", "Grow adapter ranks (False: fixed ranks)")
+    max_rank: Optional[int] = _apt_field("max_rank", "Rank cap of any adapter")
+    tuning_budget_ratio: Optional[float] = _apt_field("tuning_budget_ratio", "Final adapter budget / initial size")
+    distillation: Optional[bool] = _apt_field("distillation", "Self-distillation (spec F); False is the paper's "
+                                                              "'w/o D_S' ablation")
+    distill_end: Optional[str] = _apt_field("distill_end", "Step or fraction at which distillation ends; None: "
+                                                           "with the pruning window (pruning_end)")
+    distill_layer_weight: Optional[float] = _apt_field("distill_layer_weight", "a_layer, weight of the layer loss")
+    post_distill_lr_ratio: Optional[float] = _apt_field("post_distill_lr_ratio", "Peak learning-rate factor of the "
+                                                                                 "fresh schedule after distillation")
 
 
 class InputError(Exception):
@@ -211,11 +250,6 @@ def step_or_fraction(name: str, text: str) -> Union[int, float]:
                          "(e.g. 0.6)") from None
 
 
-def as_steps(value: Union[int, float], total_steps: int) -> int:
-    """A step count, or a fraction of ``total_steps`` (the way `APTConfig` reads its schedule fields)."""
-    return int(round(value * total_steps)) if isinstance(value, float) else int(value)
-
-
 def optimizer_steps(n_train: int, args: TrainingArguments) -> int:
     """The number of optimizer steps `Trainer` will run (its own formula, for one epoch-based or max_steps run)."""
     if args.max_steps > 0:
@@ -226,38 +260,66 @@ def optimizer_steps(n_train: int, args: TrainingArguments) -> int:
 
 
 def build_apt_config(apt_args: APTArguments, method_args: MethodArguments, total_steps: int) -> apt_hf.APTConfig:
-    """The `APTConfig` of this run, with its schedule checked against the run length before training starts."""
-    texts = {name: getattr(apt_args, name) for name in ("pruning_start", "pruning_end", "sparsity_warmup")}
-    texts["distill_end"] = apt_args.pruning_end if apt_args.distill_end is None else apt_args.distill_end
-    schedule = {name: step_or_fraction(name, text) for name, text in texts.items()}
-    fields = {**asdict(apt_args), **schedule, "mask_decay_window": apt_args.mask_decay_window or 0}
+    """The `APTConfig` of this run (options left out keep APTConfig's defaults), with its schedule checked against
+    the run length before any model is built."""
+    given = {f.name: getattr(apt_args, f.name) for f in fields(apt_args) if getattr(apt_args, f.name) is not None}
+    for name in ("pruning_start", "pruning_end", "sparsity_warmup", "distill_end"):
+        if name in given:
+            given[name] = step_or_fraction(name, given[name])
     try:
         config = apt_hf.APTConfig(task_type="SEQ_CLS", r=method_args.lora_r, lora_alpha=method_args.lora_alpha,
-                                  **fields)
-        plan = resolve_plan(config, total_steps)  # the checks APTCallback makes when training starts
-        if apt_args.mask_decay_window is None:  # half the gap between two events, at most 200 steps
-            config.mask_decay_window = min(200, (plan.end - plan.start) // config.num_pruning_events // 2)
-        if config.distillation and config.adaptive_pruning:  # the check APTTrainer makes when training starts
-            first_event = next((e for e in plan.events if plan.target(e) < 1), None)
-            distill_end = as_steps(config.distill_end, total_steps)
-            if first_event is None:
-                raise ValueError(f"--target_sparsity {config.target_sparsity} prunes nothing, so there is nothing to "
-                                 "self-distil; pass --distillation False")
-            if distill_end <= first_event:
-                raise ValueError(f"--distill_end {texts['distill_end']} is step {distill_end}, not after the first "
-                                 f"pruning event (step {first_event}); raise it or pass --distillation False")
-    except ValueError as err:  # APTConfig.validate and resolve_plan name the bad field and the fix
+                                  **given)
+        config.resolve_schedule(total_steps)  # the checks APTCallback / APTTrainer make when training starts
+    except ValueError as err:  # APTConfig.validate and the schedule name the bad field and the fix
         raise InputError(f"{err} (this run has {total_steps} optimizer steps)") from None
     return config
 
 
-def main_param_count(model: torch.nn.Module) -> int:
-    """Spec B.3 parameter count of a dense model (every layer's weights, no embeddings or task head)."""
-    layout = describe(model)
-    return CountModel.from_layout(layout).count(
-        [torch.ones(site.num_heads, dtype=torch.bool) for site in layout.attentions],
-        [torch.ones(site.num_neurons, dtype=torch.bool) for site in layout.ffns],
-        torch.ones(model.config.hidden_size, dtype=torch.bool))
+def load_data(data_args: DataArguments) -> tuple[datasets.Dataset, datasets.Dataset, Any]:
+    """Train and evaluation rows (``sentence1`` [, ``sentence2``], ``label``) and the task description."""
+    sources = [flag for flag, value in (("--task_name", data_args.task_name), ("--dataset_name",
+               data_args.dataset_name), ("--train_file", data_args.train_file)) if value]
+    if len(sources) != 1:
+        raise InputError("name the data with exactly one of --task_name (a GLUE task from --glue_dir), "
+                         "--train_file/--validation_file (your CSV or JSON files) or --dataset_name (a Hub dataset)"
+                         + (f"; got {' and '.join(sources)}" if sources else ""))
+    if data_args.task_name:
+        spec = get_task_spec(data_args.task_name)
+        return (load_glue_split(data_args.glue_dir, spec.name, "train"),
+                load_glue_split(data_args.glue_dir, spec.name, "dev"), spec)
+    if data_args.train_file:
+        if not data_args.validation_file:
+            raise InputError("--train_file needs --validation_file (the evaluation data, same format)")
+        raw = load_data_files(data_args.train_file, data_args.validation_file)
+        name = Path(data_args.train_file).name
+    else:
+        raw = load_hub_dataset(data_args.dataset_name, data_args.dataset_config_name, data_args.validation_split_name)
+        name = data_args.dataset_name + (f"/{data_args.dataset_config_name}" if data_args.dataset_config_name else "")
+    text_columns = [c.strip() for c in data_args.text_column_names.split(",")] if data_args.text_column_names else None
+    data, spec = standardize(raw, name, text_columns, data_args.label_column_name)
+    return data["train"], data["validation"], spec
+
+
+def find_checkpoint(training_args: TrainingArguments, method_args: MethodArguments) -> Optional[str]:
+    """The checkpoint to resume from (``--resume_from_checkpoint``, or the last one in ``--output_dir``), as in
+    transformers' run_glue; a non-empty ``--output_dir`` without one is refused unless ``--overwrite_output_dir``."""
+    out, explicit = Path(training_args.output_dir), training_args.resume_from_checkpoint
+    if explicit is not None:
+        if not Path(explicit).is_dir():
+            raise InputError(f"--resume_from_checkpoint {explicit}: no such checkpoint folder")
+        return explicit
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    if method_args.overwrite_output_dir:
+        if training_args.process_index == 0:  # a later plain rerun must not resume from the previous run's state
+            for old in out.glob("checkpoint-*"):
+                shutil.rmtree(old)
+        return None
+    last = get_last_checkpoint(str(out))
+    if last is None:
+        raise InputError(f"--output_dir {out} is not empty and holds no checkpoint to resume from; pass "
+                         "--overwrite_output_dir to train from scratch into it, or choose another folder")
+    return last
 
 
 @torch.no_grad()
@@ -282,14 +344,14 @@ def median_latencies(models: list[torch.nn.Module], batch_size: int, seq_length:
 
 
 class EvalClock(TrainerCallback):
-    """Training wall-clock (evaluation time excluded) and the main dev metric at every evaluation, for
-    time-to-accuracy (spec G)."""
+    """Training wall-clock (evaluation time excluded), the step training (re)started at, and the main dev metric at
+    every evaluation, for time-to-accuracy (spec G)."""
 
     def __init__(self, metric: str) -> None:
-        self.metric, self.history, self.start, self.eval_time = metric, [], None, 0.0
+        self.metric, self.history, self.start, self.eval_time, self.start_step = metric, [], None, 0.0, 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
+        self.start, self.start_step = time.perf_counter(), state.global_step
 
     def train_time(self) -> float:
         return time.perf_counter() - self.start - self.eval_time
@@ -317,6 +379,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         rows.append(("inference speed-up", "not measured (--speed_repeats 0)"))
     else:
         rows.append(("inference speed-up", "n/a (the dense model is kept)"))
+    if summary.get("resumed_from"):
+        rows.append(("resumed from", f"{summary['resumed_from']} (step {summary['start_step']})"))
     if summary.get("export_dir"):
         rows.append(("exported to", summary["export_dir"]))
     width = max(len(k) for k, _ in rows)
@@ -326,22 +390,25 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- main
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    # 1. Parse the arguments.
+def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser((ModelArguments, DataArguments, MethodArguments, APTArguments, TrainingArguments),
                               prog=Path(__file__).name)
     parser.set_defaults(**TRAINING_DEFAULTS)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    # 1. Parse the arguments.
+    parser = build_parser()
     model_args, data_args, method_args, apt_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.learning_rate is None:
         training_args.learning_rate = DEFAULT_LEARNING_RATE[method_args.method]
 
-    # 2. Check every input before anything is trained; a problem ends the run with one message.
+    # 2. Check every input before anything is trained; a problem ends the run with one message (so no progress bars
+    # while the data is read).
+    datasets.disable_progress_bars()
     try:
-        if data_args.task_name is None:
-            raise InputError("--task_name is required (one of cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli)")
-        spec = get_task_spec(data_args.task_name)
-        raw_train = load_glue_split(data_args.glue_dir, spec.name, "train")
-        raw_eval = load_glue_split(data_args.glue_dir, spec.name, "dev")
+        raw_train, raw_eval, spec = load_data(data_args)
         model_path = model_args.model_name_or_path or default_model_path()
         if data_args.max_train_samples is not None:
             raw_train = raw_train.select(range(min(len(raw_train), data_args.max_train_samples)))
@@ -360,21 +427,25 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path)
         except (OSError, ValueError) as err:
             raise InputError(f"cannot load the model or tokenizer from {model_path!r}: {err}") from None
-    except (GlueDataError, InputError) as err:
+        checkpoint = find_checkpoint(training_args, method_args)
+    except (DataError, InputError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    datasets.enable_progress_bars()
 
-    # 3. Logging (as in the transformers examples).
+    # 3. Logging (as in the transformers examples); APT's pruning events are INFO messages of the apt_hf logger.
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
                         datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
+    logging.getLogger("apt_hf").setLevel(min(log_level, logging.INFO) if training_args.should_log else log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     logger.warning(f"Process rank: {training_args.process_index}, device: {training_args.device}, "
                    f"n_procs: {training_args.world_size}; task {spec.name}, method {method_args.method}, "
                    f"{len(raw_train)} train / {len(raw_eval)} dev rows, {total_steps} optimizer steps")
-    if method_args.method == "apt" and training_args.world_size > 1:
-        logger.warning("APT gathers salience per process; multi-process APT runs are not verified.")
+    if checkpoint is not None:
+        logger.warning(f"Resuming from {checkpoint} (to train from scratch instead, pass --overwrite_output_dir or "
+                       "choose another --output_dir).")
     set_seed(training_args.seed)
 
     # 4. Model, then the method: APT adapters + pruning, LoRA adapters, or the full model.
@@ -384,7 +455,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         config.label2id = {label: i for i, label in enumerate(spec.labels)}
         config.id2label = {i: label for i, label in enumerate(spec.labels)}
     model = AutoModelForSequenceClassification.from_pretrained(model_path, config=config)
-    original_params = main_param_count(model)
+    original_params = apt_hf.count_params(model)
     if method_args.method == "apt":
         model = peft.get_peft_model(model, apt_config)
     elif method_args.method in ("lora", "lora_prune"):
@@ -404,19 +475,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         train_dataset = raw_train.map(tokenize, batched=True, remove_columns=text_columns, desc="Tokenizing train")
         eval_dataset = raw_eval.map(tokenize, batched=True, remove_columns=text_columns, desc="Tokenizing dev")
 
-    # 6. Metrics: numpy GLUE metrics of apt_hf.glue (no `evaluate` download).
-    def compute_metrics(p: EvalPrediction) -> dict[str, float]:
+    # 6. Metrics: scikit-learn / SciPy through utils_glue.
+    def metrics_of(p: EvalPrediction) -> dict[str, float]:
         predictions = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
-        if spec.is_regression:
-            predictions = np.squeeze(predictions, axis=-1)
-        return compute_glue_metrics(spec.name, predictions, p.label_ids)
+        return compute_metrics(spec, predictions, p.label_ids)
 
-    # 7. Train and evaluate.
+    # 7. Train (resuming when there is a checkpoint), save, evaluate.
     trainer_cls = apt_hf.APTTrainer if method_args.method == "apt" else Trainer
     clock = EvalClock(spec.main_metric)
     trainer = trainer_cls(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                          processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=[clock])
-    train_result = trainer.train()
+                          processing_class=tokenizer, compute_metrics=metrics_of, callbacks=[clock])
+    # A checkpoint found in --output_dir is passed as True: the Trainer then resumes from the newest one it can use.
+    resume = training_args.resume_from_checkpoint or (True if checkpoint is not None else None)
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()  # the adapter (or model) and tokenizer, in <output_dir>
     if method_args.method == "lora_prune":  # LoRA+Prune: merge, then retraining-free structured pruning (Kwon 2022)
         from apt_hf.baselines import fisher_prune
 
@@ -425,12 +497,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         model = peft.get_peft_model(merged, apt_hf.APTConfig(task_type="SEQ_CLS", target_modules=["query"],
                                                              distillation=False))
         trainer.model = trainer.model_wrapped = model
-        prune_report = fisher_prune(model, trainer.get_train_dataloader(), 1.0 - apt_args.target_sparsity,
+        sparsity = apt_default("target_sparsity") if apt_args.target_sparsity is None else apt_args.target_sparsity
+        prune_report = fisher_prune(model, trainer.get_train_dataloader(), 1.0 - sparsity,
                                     num_samples=method_args.prune_samples)
         logger.warning(f"LoRA+Prune: Fisher pruning took {time.perf_counter() - prune_start:.1f}s, "
                        f"density {prune_report['density']:.4f}")
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
     eval_metrics = trainer.evaluate()
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("eval", eval_metrics)
@@ -445,6 +519,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "eval_metrics": eval_metrics,
         "train_runtime_s": train_result.metrics.get("train_runtime"),
         "optimizer_steps": trainer.state.global_step,
+        "start_step": clock.start_step,
+        "resumed_from": checkpoint,
         "kept_params": original_params,
         "original_params": original_params,
         "density": 1.0,

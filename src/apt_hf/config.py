@@ -6,9 +6,12 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from peft import PeftConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .schedule import Plan
 
 # The PEFT type names the package: PEFT looks it up in a dict that only `import apt_hf` fills, so a process without
 # apt_hf fails with `KeyError: 'APT (pip install apt_hf; import apt_hf)'`, the only text PEFT shows (issue 16).
@@ -39,6 +42,15 @@ _INT_FIELDS = ("r", "num_pruning_events", "mask_decay_window", "max_rank", "dist
 _REAL_FIELDS = ("lora_alpha", "lora_dropout", "target_sparsity", "pruning_start", "pruning_end", "sparsity_warmup",
                 "mask_decay", "salience_beta", "tuning_budget_ratio", "distill_end", "distill_temperature",
                 "distill_pred_weight", "distill_layer_weight", "post_distill_lr_ratio")
+_OPTIONAL_FIELDS = ("mask_decay_window", "distill_end", "distill_pred_weight")  # None = derived from other fields
+
+# The paper's schedule (spec D.2, D.3, F.2, H.1, H.2: RoBERTa/T5 GLUE scripts, 40 epochs): window from step 200 to
+# epoch 3 with a one-epoch sparsity warm-up, 10 events, 200-step mask-decay windows, distillation for 20 epochs
+# after the first real event. Fractions are of a 40-epoch run.
+PAPER_EPOCHS = 40
+PAPER_SCHEDULE = dict(pruning_start=200, pruning_end=3 / PAPER_EPOCHS, sparsity_warmup=1 / PAPER_EPOCHS,
+                      num_pruning_events=10, mask_decay_window=200, distill_end=0.53)
+PAPER_DISTILL_EPOCHS = 20
 
 
 @dataclass
@@ -57,17 +69,21 @@ class APTConfig(PeftConfig):
             adapter is saved, so that grown adapters reload at their grown rank.
         modules_to_save: extra modules trained in full and saved (PEFT fills the task head for ``task_type``).
 
-    Adaptive pruning (spec D, K.4):
+    Adaptive pruning (spec D, K.4). The schedule defaults are fractions of the run, so they fit any run length; they
+    are the settings the README's benchmarks use for 2-4 epoch fine-tunes: prune between 5 % and 60 % of training in
+    5 events, self-distil while pruning, and fine-tune the pruned model for the last 40 %. The paper's own schedule
+    (absolute steps of a 40-epoch run) is :meth:`APTConfig.paper_preset`.
         target_sparsity: fraction of the original model's parameters (spec B.3 count) removed at the end of
             pruning, in [0, 1). 0.6 keeps 40 %.
-        pruning_start: first optimizer step of the pruning window (spec H.1: 200). A float in (0, 1) is read as a
-            fraction of the run's total optimizer steps.
-        pruning_end: last optimizer step of the pruning window, where the final target is reached. A float in
-            (0, 1] is a fraction of the total optimizer steps (spec: 3 of 40 epochs = 0.075).
-        sparsity_warmup: steps after ``pruning_start`` during which the target stays at density 1 (spec D.2: one
-            epoch). A float in [0, 1) is a fraction of the total optimizer steps.
-        num_pruning_events: number of discrete pruning/tuning events in the window (spec D.2: 10).
-        mask_decay_window: optimizer steps before each event in which masks move by ``mask_decay`` (spec D.3: 200).
+        pruning_start: first optimizer step of the pruning window. An int is a step count; a float in [0, 1] is a
+            fraction of the run's total optimizer steps (default 0.05; paper: step 200).
+        pruning_end: last optimizer step of the pruning window, where the final target is reached; int steps or a
+            fraction (default 0.6; paper: 3 of 40 epochs = 0.075).
+        sparsity_warmup: steps after ``pruning_start`` during which the target stays at density 1; int steps or a
+            fraction (default 0.05; paper, spec D.2: one epoch = 0.025).
+        num_pruning_events: number of discrete pruning/tuning events in the window (default 5; paper: 10).
+        mask_decay_window: optimizer steps before each event in which masks move by ``mask_decay``. ``None``
+            (default) takes half the steps between two events, at most 200; paper (spec D.3): 200.
         mask_decay: mask step per optimizer step inside a decay window (spec D.1: 0.01).
         salience_beta: EMA factor of block salience and adapter importance (spec C.1: 0.85).
         use_kurtosis: add ``sqrt(max(Kurt, 0))`` of the activation-weighted weights (spec C.1). ``None`` turns it
@@ -83,7 +99,10 @@ class APTConfig(PeftConfig):
     Self-distillation (spec F, K.7; used by ``APTTrainer``):
         distillation: switch (``False`` is the paper's "w/o D_S" ablation).
         distill_end: optimizer step (int) or fraction of training (float) at which distillation ends; it starts the
-            step after the first event whose target is < 1. Spec: 20 of 40 epochs after ~1.26 epochs = 0.53.
+            step after the first event whose target is < 1. ``None`` (default) ends it with the pruning window
+            (``pruning_end``): in a short run the teacher is an early snapshot, and distilling from it after the
+            window caps the student at the teacher's accuracy (README, Results). Paper: 20 epochs after the first
+            real event, about 0.53 of a 40-epoch run.
         distill_temperature: temperature ``T`` of ``T^2 KL(p_t || p_s)`` (spec F.3: 2/3).
         distill_pred_weight: ``a_pred``; ``None`` picks the spec's per-task value: 1.0 for classification/QA
             (0.1 x 10 in the reference), 0.1 for seq2seq and causal LM (KL per target token).
@@ -108,11 +127,12 @@ class APTConfig(PeftConfig):
     )
     # Adaptive pruning.
     target_sparsity: float = field(default=0.6, metadata={"help": "Fraction of n_params removed at the end."})
-    pruning_start: Union[int, float] = field(default=200, metadata={"help": "First step of the pruning window."})
-    pruning_end: Union[int, float] = field(default=0.075, metadata={"help": "Step (or fraction) of the last event."})
-    sparsity_warmup: Union[int, float] = field(default=0.025, metadata={"help": "Steps at density 1 after start."})
-    num_pruning_events: int = field(default=10, metadata={"help": "Number of pruning/tuning events."})
-    mask_decay_window: int = field(default=200, metadata={"help": "Steps before an event in which masks move."})
+    pruning_start: Union[int, float] = field(default=0.05, metadata={"help": "Step (or fraction) the window opens."})
+    pruning_end: Union[int, float] = field(default=0.6, metadata={"help": "Step (or fraction) of the last event."})
+    sparsity_warmup: Union[int, float] = field(default=0.05, metadata={"help": "Steps at density 1 after start."})
+    num_pruning_events: int = field(default=5, metadata={"help": "Number of pruning/tuning events."})
+    mask_decay_window: Optional[int] = field(
+        default=None, metadata={"help": "Steps before an event in which masks move; None = min(200, gap // 2)."})
     mask_decay: float = field(default=0.01, metadata={"help": "Mask step per optimizer step in a window."})
     salience_beta: float = field(default=0.85, metadata={"help": "EMA factor of salience and importance."})
     use_kurtosis: Optional[bool] = field(default=None, metadata={"help": "Outlier-aware kurtosis term."})
@@ -123,7 +143,8 @@ class APTConfig(PeftConfig):
     tuning_budget_ratio: float = field(default=4.0, metadata={"help": "Final adapter budget / initial size."})
     # Self-distillation.
     distillation: bool = field(default=True, metadata={"help": "Self-distill (False = 'w/o D_S'); APTTrainer only."})
-    distill_end: Union[int, float] = field(default=0.53, metadata={"help": "Step (or fraction) distillation ends."})
+    distill_end: Optional[Union[int, float]] = field(
+        default=None, metadata={"help": "Step (or fraction) distillation ends; None = pruning_end."})
     distill_temperature: float = field(default=2.0 / 3.0, metadata={"help": "KL temperature T (spec F.3)."})
     distill_pred_weight: Optional[float] = field(default=None, metadata={"help": "a_pred; None = per task."})
     distill_layer_weight: float = field(default=0.9, metadata={"help": "a_layer (spec F.3)."})
@@ -147,11 +168,13 @@ class APTConfig(PeftConfig):
         # Types first, so that strings, bools, NaN and inf never reach (or slip through) the range checks below.
         for name in _INT_FIELDS:
             value = getattr(self, name)
+            if value is None and name in _OPTIONAL_FIELDS:
+                continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise bad(name, value, "use an integer")
         for name in _REAL_FIELDS:
             value = getattr(self, name)
-            if value is None and name == "distill_pred_weight":
+            if value is None and name in _OPTIONAL_FIELDS:
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise bad(name, value, "use a finite number")
@@ -171,7 +194,7 @@ class APTConfig(PeftConfig):
                 raise bad(name, value, "a float is a fraction of the total steps and must be <= 1; pass an int for steps")
         if self.num_pruning_events < 1:
             raise bad("num_pruning_events", self.num_pruning_events, "use at least 1 event")
-        if self.mask_decay_window < 0:
+        if self.mask_decay_window is not None and self.mask_decay_window < 0:
             raise bad("mask_decay_window", self.mask_decay_window, "use a non-negative number of steps")
         if not 0.0 < self.mask_decay <= 1.0:
             raise bad("mask_decay", self.mask_decay, "use a step size in (0, 1]; the spec uses 0.01")
@@ -190,8 +213,8 @@ class APTConfig(PeftConfig):
                 raise bad(name, getattr(self, name), "use a positive integer")
         if not 0.0 < self.post_distill_lr_ratio <= 1.0:
             raise bad("post_distill_lr_ratio", self.post_distill_lr_ratio, "use a factor in (0, 1]")
-        if isinstance(self.distill_end, bool) or self.distill_end < 0 or (
-                isinstance(self.distill_end, float) and self.distill_end > 1.0):
+        if self.distill_end is not None and (self.distill_end < 0 or (
+                isinstance(self.distill_end, float) and self.distill_end > 1.0)):
             raise bad("distill_end", self.distill_end, "use a step count (int) or a fraction of training (float <= 1)")
         if self.tuning_budget_ratio < 1.0:
             raise bad("tuning_budget_ratio", self.tuning_budget_ratio, "use a ratio >= 1 (the spec uses 4.0)")
@@ -204,6 +227,43 @@ class APTConfig(PeftConfig):
         if ADAPTER_CARD_SECTION not in text:
             with open(card, "w") as f:
                 f.write(text.rstrip() + ("\n\n" if text.strip() else "") + ADAPTER_CARD_SECTION)
+
+    @classmethod
+    def paper_preset(cls, steps_per_epoch: Optional[int] = None, **overrides) -> "APTConfig":
+        """The paper's schedule (spec D.2, D.3, F.2, H.1, H.2), for runs as long as the paper's (40 epochs).
+
+        Without ``steps_per_epoch`` the epoch-based settings are fractions of a 40-epoch run (``pruning_end``
+        0.075, ``sparsity_warmup`` 0.025, ``distill_end`` 0.53). With it they are the reference scripts' step
+        counts for any run length: ``pruning_end = 3 E``, ``sparsity_warmup = E``, and distillation lasts ``20 E``
+        steps from the step after the first real pruning event (SST-2, E = 2105: events 811 ... 6315, distillation
+        steps 2647-44747). Every other field keeps its default (the paper's values too) unless ``overrides`` name it.
+        The paper trains 40 epochs; a run shorter than about 21 epochs cannot fit this schedule (use the defaults).
+        """
+        settings = {**PAPER_SCHEDULE, **overrides}
+        if steps_per_epoch is not None:
+            if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+                raise ValueError(f"steps_per_epoch={steps_per_epoch!r} is invalid: use the number of optimizer steps "
+                                 "per epoch (a positive integer), or None for fractions of a 40-epoch run.")
+            from .schedule import resolve_plan
+
+            epoch_based = {"pruning_end": 3 * steps_per_epoch, "sparsity_warmup": steps_per_epoch}
+            settings = {**PAPER_SCHEDULE, **epoch_based, **overrides}
+            if "distill_end" not in overrides:  # 20 epochs from the step after the first real event (spec F.2)
+                plan = resolve_plan(cls(**{**settings, "distill_end": None}), PAPER_EPOCHS * steps_per_epoch,
+                                    distill=False)
+                first = plan.first_real_event if plan.first_real_event is not None else plan.end
+                settings["distill_end"] = first + 1 + PAPER_DISTILL_EPOCHS * steps_per_epoch
+        return cls(**settings)
+
+    def resolve_schedule(self, total_steps: int, distill: bool = True) -> "Plan":
+        """The concrete schedule of a run of ``total_steps`` optimizer steps: event steps, mask-decay windows,
+        density targets and, when ``distillation`` is on and the trainer self-distils (``distill``: ``APTTrainer``
+        does, a stock ``Trainer`` does not), the distillation window. Raises ``ValueError`` naming the setting to
+        change when the schedule does not fit the run: the check ``APTCallback`` makes at train start, available
+        before a model is built."""
+        from .schedule import resolve_plan
+
+        return resolve_plan(self, total_steps, distill)
 
     @property
     def scaling(self) -> float:

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from .arch import Layout, base_linear
+from .arch import CountModel, Layout, base_linear
 
 
 class MaskList:
@@ -208,6 +208,13 @@ def remove_mask_hooks(layout: Layout, handles: list) -> None:
     handles.clear()
     for norm in layout.norms:
         make_norm_plain(norm)
+
+
+def dense_count(layout: Layout) -> int:
+    """Spec B.3 parameter count of every head, neuron and hidden dimension the model has now."""
+    heads, neurons, hidden = sizes_of(layout)
+    ones = [torch.ones(n, dtype=torch.bool) for n in (*heads, *neurons, hidden)]
+    return CountModel.from_layout(layout).count(ones[:len(heads)], ones[len(heads):-1], ones[-1])
 
 
 def sizes_of(layout: Layout) -> tuple[list[int], list[int], int]:

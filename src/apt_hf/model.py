@@ -17,7 +17,7 @@ from .arch import FAMILIES, CountModel, Layout, UnsupportedArchitectureError, de
 from .config import DEFAULT_TARGET_MODULES, APTConfig
 from .distill import make_transform
 from .layer import APTLinear, ParamChange
-from .masks import APTMasks, install_mask_hooks, remove_mask_hooks, sizes_of
+from .masks import APTMasks, dense_count, install_mask_hooks, remove_mask_hooks, sizes_of
 from .prune import apply_structure, fold_unit_masks, kept_after
 from .remote import make_exportable, structure_record
 from .runtime import stock_model_type
@@ -93,9 +93,7 @@ class APTModel(BaseTuner):
             self.apt_transform = make_transform(hidden, config.transform_rank, config.scaling, weight.device,
                                                 weight.dtype)
         self._layout: Optional[Layout] = None
-        self.n_params = CountModel.from_layout(layout).count(
-            [torch.ones(h, dtype=torch.bool) for h in heads], [torch.ones(n, dtype=torch.bool) for n in neurons],
-            torch.ones(hidden, dtype=torch.bool))
+        self.n_params = dense_count(layout)
 
     # ------------------------------------------------------------------------------------------ structure
     @property

@@ -8,15 +8,21 @@ Every function here is pure (no model, no global state).  Steps are optimizer st
 * D.1 step 5 -- the +/- ``decay`` mask move and the hard 0/1 at the event;
 * E.2 -- the linear adapter-parameter budget;
 * F.3 -- the distillation weight ``mu``;
-* F.2 -- the learning-rate factor of the post-distillation fine-tuning.
+* F.2 -- the learning-rate factor of the post-distillation fine-tuning;
+* :func:`resolve_plan` -- all of the above turned into concrete steps for one run (:class:`Plan`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import APTConfig
 
 __all__ = [
     "pruning_event_steps",
@@ -26,7 +32,12 @@ __all__ = [
     "post_distill_lr_factor",
     "decay_window_start",
     "mask_step",
+    "Plan",
+    "resolve_plan",
 ]
+
+# Longest automatic mask-decay window (spec D.3: the reference moves masks during the 200 steps before an event).
+MAX_AUTO_DECAY_WINDOW = 200
 
 
 def _check_window(start: int, end: int) -> None:
@@ -211,3 +222,75 @@ def mask_step(mask: torch.Tensor, keep: torch.Tensor, decay: float, hard: bool) 
     up = torch.clamp(mask + decay, max=1.0)
     down = torch.clamp(mask - decay, min=0.0)
     return torch.where(keep, up, down).to(mask.dtype)
+
+
+def as_steps(value: Union[int, float], total: int) -> int:
+    """A schedule setting as optimizer steps: an int is a step count, a float a fraction of ``total``."""
+    return int(round(value * total)) if isinstance(value, float) else int(value)
+
+
+def auto_decay_window(start: int, end: int, num_events: int) -> int:
+    """Default mask-decay window: half the steps between two events, at most 200 (spec D.3's value), so masks
+    move gradually in any run length and the window never reaches back to the previous event."""
+    return min(MAX_AUTO_DECAY_WINDOW, (end - start) // num_events // 2)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The pruning and distillation schedule of one run, in optimizer steps (spec D.2, D.3, F.2)."""
+
+    start: int
+    end: int
+    warmup: int
+    events: tuple[int, ...]
+    windows: tuple[int, ...]  # first step of the mask-decay window before each event
+    final_density: float
+    # Distillation runs over steps [distill_start, distill_end) (spec F.2); None when the run does not distil.
+    distill_start: Optional[int] = None
+    distill_end: Optional[int] = None
+
+    def target(self, step: int) -> float:
+        return target_density(step, start=self.start, end=self.end, warmup_steps=self.warmup,
+                              final_density=self.final_density)
+
+    @property
+    def first_real_event(self) -> Optional[int]:
+        """The first event whose target density is below 1 (None if nothing is pruned)."""
+        return next((e for e in self.events if self.target(e) < 1), None)
+
+
+def resolve_plan(cfg: APTConfig, max_steps: int, distill: bool = True) -> Plan:
+    """Turn the config's step counts / fractions into concrete steps for a run of ``max_steps`` (spec D.2-D.3, F.2).
+
+    ``distill`` says whether the trainer self-distils (``APTTrainer`` does, a stock ``Trainer`` does not); with it
+    and ``cfg.distillation`` the distillation window is resolved and checked as well. Every problem raises
+    ``ValueError`` naming the setting to change and the run length.
+    """
+    start, end = as_steps(cfg.pruning_start, max_steps), as_steps(cfg.pruning_end, max_steps)
+    warmup = as_steps(cfg.sparsity_warmup, max_steps)
+    if end > max_steps:
+        raise ValueError(f"APT's last pruning event is at step {end} but the run has only {max_steps} optimizer steps, "
+                         "so the schedule would never finish; lower APTConfig.pruning_end or train longer.")
+    if end <= start + warmup:
+        raise ValueError(f"APT's pruning schedule for a run of {max_steps} optimizer steps has the window [{start}, "
+                         f"{end}], which leaves no steps after the {warmup}-step sparsity warm-up; the target could "
+                         "never drop below 1. Lower pruning_start/sparsity_warmup, raise pruning_end or train longer.")
+    if end - start < cfg.num_pruning_events:
+        raise ValueError(f"APT's pruning schedule for a run of {max_steps} optimizer steps has the window [{start}, "
+                         f"{end}], shorter than num_pruning_events={cfg.num_pruning_events}; use fewer events or a "
+                         "longer window.")
+    events = tuple(pruning_event_steps(start, end, cfg.num_pruning_events))
+    window = cfg.mask_decay_window
+    if window is None:
+        window = auto_decay_window(start, end, cfg.num_pruning_events)
+    windows = tuple(decay_window_start(e, events[i - 1] if i else None, window, start) for i, e in enumerate(events))
+    plan = Plan(start, end, warmup, events, windows, 1.0 - cfg.target_sparsity)
+    first = plan.first_real_event
+    if not (distill and cfg.distillation and cfg.adaptive_pruning) or first is None:
+        return plan
+    distill_end = as_steps(cfg.pruning_end if cfg.distill_end is None else cfg.distill_end, max_steps)
+    if distill_end <= first + 1:
+        raise ValueError(f"APTConfig.distill_end resolves to step {distill_end} of this run's {max_steps} optimizer "
+                         f"steps, not after the first real pruning event (step {first}), so the distillation "
+                         "schedule is empty; raise distill_end or set distillation=False.")
+    return Plan(start, end, warmup, events, windows, plan.final_density, first + 1, distill_end)

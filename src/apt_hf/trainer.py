@@ -19,7 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from . import checkpoint, distributed
-from .callback import APTCallback, _steps
+from .callback import APTCallback, is_training_log
 from .distill import (Teacher, alive_layers, default_pred_weight, layer_loss, prediction_loss,
                       sample_teacher_layers)
 from .model import APTModel, find_apt_model
@@ -59,19 +59,13 @@ class DistillCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         cfg, plan = self.apt_callback.config, self.apt_callback.plan
-        self.enabled = bool(cfg.distillation and cfg.adaptive_pruning)
+        self.enabled = plan.distill_start is not None  # the callback resolved (and checked) the distillation window
         if not self.enabled:
+            if cfg.distillation and cfg.adaptive_pruning:  # e.g. target_sparsity=0: no distillation phase (spec F.2)
+                logger.warning("APT distillation skipped: no pruning event has a target density below 1.")
             return control
+        self.start, self.end = plan.distill_start, plan.distill_end
         real = [k for k, e in enumerate(plan.events) if plan.target(e) < 1]
-        if not real:  # e.g. target_sparsity=0: nothing is pruned, so there is no distillation phase (spec F.2)
-            logger.warning("APT distillation skipped: no pruning event has a target density below 1.")
-            self.enabled = False
-            return control
-        self.start = plan.events[real[0]] + 1
-        self.end = _steps(cfg.distill_end, state.max_steps)
-        if self.end <= self.start:
-            raise ValueError(f"APTConfig.distill_end resolves to step {self.end}, not after the first real pruning event "
-                             f"(step {self.start - 1}); raise distill_end or set distillation=False.")
         self.refresh_steps = {plan.windows[k] for k in real if plan.windows[k] < self.end}
         self._has_eval = self._has_eval and args.eval_strategy != "no"
         if not self._has_eval:
@@ -116,7 +110,7 @@ class DistillCallback(TrainerCallback):
     def _refresh(self, model, optimizer) -> None:
         self.apt_callback.remove_pruned(optimizer)  # the new teacher is the pruned student (spec F.1)
         self.teacher.refresh([p for p in model.parameters() if p.requires_grad])
-        logger.warning("APT distillation: teacher refreshed (#%d).", self.teacher.refreshes)
+        logger.info("APT distillation: teacher refreshed (#%d).", self.teacher.refreshes)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if not self.enabled:
@@ -129,8 +123,8 @@ class DistillCallback(TrainerCallback):
                 self._refresh(model, optimizer)
         if step == self.end:
             self.apt_callback.remove_pruned(optimizer)
-            logger.warning("APT distillation ended at step %d; fine-tuning with a fresh schedule at %.2fx the peak "
-                           "learning rate.", step, self.apt_callback.config.post_distill_lr_ratio)
+            logger.info("APT distillation ended at step %d; fine-tuning with a fresh schedule at %.2fx the peak "
+                        "learning rate.", step, self.apt_callback.config.post_distill_lr_ratio)
         if self.end <= step < state.max_steps:
             self._set_post_distill_lr(step + 1, state.max_steps, args, optimizer, lr_scheduler)
         return control
@@ -194,6 +188,7 @@ class APTTrainer(Trainer):
         if self.apt_callback is None:
             self.add_callback(APTCallback())
         self.apt_callback.rebuild_wrapper = self._rebuild_ddp_wrapper
+        self.apt_callback.self_distilling = True
         self.distiller = DistillCallback(self.apt_callback, has_eval=self.eval_dataset is not None)
         self.add_callback(self.distiller)
         self._distill_logs: dict[str, list[float]] = {}
@@ -301,7 +296,7 @@ class APTTrainer(Trainer):
     # ------------------------------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         callback = self.apt_callback
-        if callback is not None and "eval_loss" not in logs and not any(k.startswith("eval_") for k in logs):
+        if callback is not None and is_training_log(logs):
             logs = {**logs, **callback.pop_logs()}
             for key, values in self._distill_logs.items():
                 logs[key] = sum(values) / len(values)
