@@ -251,6 +251,13 @@ def build_apt_config(apt_args: APTArguments, method_args: MethodArguments, total
     return config
 
 
+def select_on_task_metric(training_args: TrainingArguments, main_metric: str) -> None:
+    """Judge APT's teacher refreshes and best-checkpoint reload on the task's dev metric (spec F.1) unless
+    ``--metric_for_best_model`` was given; every GLUE main metric is better when greater."""
+    if training_args.metric_for_best_model is None:
+        training_args.metric_for_best_model, training_args.greater_is_better = main_metric, True
+
+
 def main_param_count(model: torch.nn.Module) -> int:
     """Spec B.3 parameter count of a dense model (every layer's weights, no embeddings or task head)."""
     layout = describe(model)
@@ -412,6 +419,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         return compute_glue_metrics(spec.name, predictions, p.label_ids)
 
     # 7. Train and evaluate.
+    select_on_task_metric(training_args, spec.main_metric)
     trainer_cls = apt_hf.APTTrainer if method_args.method == "apt" else Trainer
     clock = EvalClock(spec.main_metric)
     trainer = trainer_cls(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,

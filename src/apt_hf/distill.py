@@ -78,10 +78,17 @@ def _rms_normalize(h: torch.Tensor) -> torch.Tensor:
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-def alive_layers(layout: Layout) -> dict[str, list[bool]]:
-    """Per stack, whether each layer still has heads in every attention and neurons in its FFN (spec F.3)."""
-    att = [s.num_heads > 0 for s in layout.attentions]
-    ffn = [f.num_neurons > 0 for f in layout.ffns]
+def alive_layers(layout: Layout, masks: Optional[APTMasks] = None) -> dict[str, list[bool]]:
+    """Per stack, whether each layer still has heads in every attention and neurons in its FFN (spec F.3).
+
+    With ``masks``, a block counts only if its mask is > 0, so a layer whose blocks are all zero-masked but still
+    physically present (held back during distillation) is not alive."""
+    if masks is None:
+        att = [s.num_heads > 0 for s in layout.attentions]
+        ffn = [f.num_neurons > 0 for f in layout.ffns]
+    else:
+        att = [bool((m > 0).any()) for m in masks.heads]
+        ffn = [bool((m > 0).any()) for m in masks.neurons]
     if layout.family != "t5":
         return {"main": [a and f for a, f in zip(att, ffn)]}
     n_dec = (len(att) - len(ffn)) if len(att) > len(ffn) else 0  # each decoder block has one extra (cross) site
@@ -100,22 +107,35 @@ def make_transform(hidden: int, rank: int, scaling: float, device=None, dtype=No
     return APTLinear(base, "default", r=rank, scaling=scaling)
 
 
-# ---------------------------------------------------------------------------------------------- teacher
-class Teacher:
-    """A frozen snapshot of the trainable tensors of a model that shares its frozen backbone (spec F.1)."""
+# ---------------------------------------------------------------------------------------------- snapshots
+class ParamSnapshot:
+    """Frozen copies of a set of parameters (by identity), carried across physical pruning (spec F.1, F.2)."""
 
     def __init__(self) -> None:
         self.snapshot: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
-        self.refreshes = 0
 
     @property
     def ready(self) -> bool:
         return bool(self.snapshot)
 
-    def refresh(self, params: Sequence[nn.Parameter]) -> None:
-        """Copy the current values of ``params`` (the trainable tensors) as the new teacher."""
+    def take(self, params: Sequence[nn.Parameter]) -> None:
+        """Copy the current values of ``params``."""
         self.snapshot = {id(p): (p, p.detach().clone()) for p in params}
-        self.refreshes += 1
+
+    def clear(self) -> None:
+        self.snapshot = {}
+
+    def restore(self) -> list[nn.Parameter]:
+        """Copy the saved values back into their parameters (same shapes required); returns those parameters."""
+        restored = []
+        with torch.no_grad():
+            for param, value in self.snapshot.values():
+                if param.shape != value.shape:
+                    raise RuntimeError(f"cannot restore a snapshot of shape {tuple(value.shape)} into a parameter of "
+                                       f"shape {tuple(param.shape)}: the structure changed since it was taken.")
+                param.copy_(value)
+                restored.append(param)
+        return restored
 
     def follow(self, changes: Sequence[ParamChange]) -> None:
         """Carry the snapshot across physical pruning: slice dims that were selected; ignore rank growth."""
@@ -130,6 +150,26 @@ class Teacher:
                 if value.shape[dim] == change.old.shape[dim] and change.new.shape[dim] == len(index):
                     value = value.index_select(dim, index.to(value.device))
             self.snapshot[id(change.new)] = (change.new, value)
+
+    def state_dict(self, names: dict[int, str]) -> dict[str, torch.Tensor]:
+        return {names[i]: v for i, (_, v) in self.snapshot.items() if i in names}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> None:
+        self.snapshot = {id(params[n]): (params[n], v) for n, v in state.items() if n in params}
+
+
+class Teacher(ParamSnapshot):
+    """The self-distillation teacher: a frozen snapshot of the trainable tensors of a model that shares its frozen
+    backbone (spec F.1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refreshes = 0
+
+    def refresh(self, params: Sequence[nn.Parameter]) -> None:
+        """Copy the current values of ``params`` (the trainable tensors) as the new teacher."""
+        self.take(params)
+        self.refreshes += 1
 
     @contextlib.contextmanager
     def active(self, masks: Optional[APTMasks] = None) -> Iterator[None]:
@@ -149,12 +189,6 @@ class Teacher:
             if masks is not None:
                 masks.bypass = previous
 
-    def state_dict(self, names: dict[int, str]) -> dict[str, torch.Tensor]:
-        return {names[i]: v for i, (_, v) in self.snapshot.items() if i in names}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> None:
-        self.snapshot = {id(params[n]): (params[n], v) for n, v in state.items() if n in params}
-
 
 def default_pred_weight(task: str) -> float:
     """``a_pred`` per task family (spec F.3): 1.0 for classification/QA, 0.1 for seq2seq and causal LMs."""
@@ -162,5 +196,5 @@ def default_pred_weight(task: str) -> float:
     return 0.1 if task in ("SEQ_2_SEQ_LM", "CAUSAL_LM") else 1.0
 
 
-__all__ = ["Teacher", "alive_layers", "default_pred_weight", "layer_candidates", "layer_loss", "make_transform",
+__all__ = ["ParamSnapshot", "Teacher", "alive_layers", "default_pred_weight", "layer_candidates", "layer_loss", "make_transform",
            "prediction_loss", "sample_teacher_layers"]
