@@ -94,6 +94,8 @@ class DistillCallback(TrainerCallback):
             raise ValueError(f"APTConfig.distill_end resolves to step {self.end}, not after the first real pruning event "
                              f"(step {self.start - 1}); raise distill_end or set distillation=False.")
         self.refresh_steps = {plan.windows[k] for k in real if plan.windows[k] < self.end}
+        if cfg.teacher_refresh == "never":  # only the first teacher is taken
+            self.refresh_steps = {min(self.refresh_steps, default=self.start - 1)}
         self.last_event = plan.events[-1]
         self._has_eval = self._has_eval and args.eval_strategy != "no"
         if not self._has_eval:
@@ -159,7 +161,7 @@ class DistillCallback(TrainerCallback):
             return control
         step = state.global_step
         if step in self.refresh_steps:
-            if self._has_eval:
+            if self._has_eval and self.apt_callback.config.teacher_refresh != "latest":
                 control.should_evaluate, self._awaiting_eval = True, True
             else:
                 self._refresh(model, optimizer)
@@ -195,7 +197,9 @@ class DistillCallback(TrainerCallback):
         if metrics is None:
             return control
         optimizer = kwargs.get("optimizer")
-        if self._awaiting_eval:
+        anytime = (self.enabled and self.apt_callback.config.teacher_refresh == "eval"
+                   and self.active(state.global_step) and self.apt_callback.masks_binary())
+        if self._awaiting_eval or anytime:
             self._awaiting_eval = False
             value, loss, greater = self._judge(args, metrics)
             if improves(value, loss, self.best, self.best_loss, greater):
