@@ -62,14 +62,10 @@ class TeacherProbe(TrainerCallback):
                   "distilling": distiller.active(state.global_step)}
         if distiller.enabled and distiller.teacher.ready and state.global_step < distiller.end:
             logits, labels = [], []
-            was = model.training
-            model.eval()
-            with torch.no_grad(), distiller.teacher.active(apt.masks):
-                for batch in tr.get_eval_dataloader():
-                    batch = tr._prepare_inputs(batch)
-                    labels.append(batch["labels"].cpu())
-                    logits.append(model(**batch).logits.float().cpu())
-            model.train(was)
+            for batch in tr.get_eval_dataloader():
+                batch = tr._prepare_inputs(batch)
+                labels.append(batch["labels"].cpu())
+                logits.append(distiller.teacher.outputs(model, apt.masks, batch).logits.float().cpu())
             teacher = torch.cat(logits).numpy()
             gold = torch.cat(labels).numpy()
             record["teacher"] = compute_glue_metrics(self.task, teacher, gold)[tr.diag_metric]

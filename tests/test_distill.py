@@ -559,13 +559,9 @@ class StructureRecorder(TrainerCallback):
         masks = apt.masks
         teacher = None
         if distiller.teacher.ready:
-            was = model.training
-            model.eval()
-            with torch.no_grad(), distiller.teacher.active(masks):
-                teacher = model(**self.batch).logits.clone()
-            model.train(was)
+            teacher = distiller.teacher.outputs(model, masks, self.batch).logits.clone()
         self.at[state.global_step] = SimpleNamespace(
-            teacher=teacher, refreshes=distiller.teacher.refreshes,
+            teacher=teacher, refreshes=distiller.teacher.refreshes, detached=distiller.teacher.model is not None,
             physical=(sum(s.num_heads for s in apt.layout.attentions), sum(f.num_neurons for f in apt.layout.ffns)),
             kept=(sum(int((m > 0).sum()) for m in masks.heads), sum(int((m > 0).sum()) for m in masks.neurons)),
             masks=[m.clone() for m in [*masks.heads, *masks.neurons]], held=self.trainer.apt_callback.held)
@@ -593,10 +589,14 @@ def test_teacher_keeps_its_structure_until_refresh(kind, tmp_path):
 
     for step in range(DISTILL_START - 1, DISTILL_END):
         now, before = at[step], at[step - 1]
-        if step in EVENTS:  # pruned in the masks (they may reach 0 inside the window already), held physically
+        if step in EVENTS[:-1]:  # pruned in the masks (they may reach 0 inside the window already), held physically
             pre = at[WINDOWS[EVENTS.index(step)] - 1]
             assert now.kept[0] + now.kept[1] < pre.kept[0] + pre.kept[1], step
-            assert now.physical == before.physical and now.held is not None, step
+            assert now.physical == before.physical and now.held is not None and not now.detached, step
+        if step >= EVENTS[-1]:  # no refresh left: the teacher has its own copy, the student drops held blocks
+            assert now.detached and now.held is None and now.physical[1] == now.kept[1], step
+            if kind == "bert":
+                assert now.physical[0] == now.kept[0] < before.physical[0] or step > EVENTS[-1], step
         if step in WINDOWS:  # refresh: held blocks removed first, then the new snapshot
             assert now.held is None and now.physical[1] == now.kept[1], step
             if kind == "bert":  # (GQA keeps padding heads of surviving groups physically)
@@ -606,9 +606,9 @@ def test_teacher_keeps_its_structure_until_refresh(kind, tmp_path):
         if now.physical == before.physical and before.held is not None:  # held blocks never come back
             for m_now, m_before in zip(now.masks, before.masks):
                 assert not bool(((m_before == 0) & (m_now != 0)).any()), step
-    # distillation ends with nothing held: the physical model is exactly the kept structure
+    # distillation ends with nothing held and no teacher: the physical model is exactly the kept structure
     end = at[DISTILL_END]
-    assert at[DISTILL_END - 1].held is not None and end.held is None
+    assert end.held is None and not end.detached and not tr.distiller.teacher.ready
     assert end.physical[1] == end.kept[1]
     if kind == "bert":
         assert end.physical[0] == end.kept[0]

@@ -6,7 +6,8 @@ ranks, parameter count, APT salience state and weights (max abs diff <= 1e-6) as
 
 Schedule (optimizer steps, 70 in all): pruning window [5, 40], warm-up 5, events at 13, 22, 31, 40, mask-decay
 windows 8-12, 17-21, 26-30, 35-39 (mask step 0.25, so masks are fractional inside a window), distillation from step
-14 to 60 with teacher refreshes at the window starts 8, 17, 26, 35, then fine-tuning at 0.1x learning rate.
+14 to 60 with teacher refreshes at the window starts 8, 17, 26, 35 (the teacher moves into its own copy of the model
+at the last event, 40), then fine-tuning at 0.1x learning rate.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ CASES = {
     "after_event": 13,  # first event: blocks zero-masked but held (distillation), ranks grown, teacher taken at 8
     "window_in_distill": 19,  # fractional masks on a model pruned physically at the refresh of step 17
     "distill": 33,  # after the third event (held), teacher refreshed at 26 on the physically pruned model
+    "after_last_event": 45,  # teacher detached into its own copy at the last event (40), student pruned physically
     "after_distill": 62,  # inside the fresh post-distillation LR schedule (0.1x peak) that starts after step 60
 }
 
@@ -260,8 +262,14 @@ def test_resume_is_exact(case, reference, checkpoints, tmp_path):
     assert begin["refreshes"] == at["refreshes"] == teacher_file["refreshes"]
     assert_same_tensors(teacher_file["teacher"], begin["teacher"], "restored teacher vs file")
     assert_same_tensors(at["teacher"], begin["teacher"], "restored teacher vs saved run")
-    if step >= DISTILL[0]:
+    if DISTILL[0] <= step < DISTILL[1]:
         assert begin["teacher"], "a run resumed during distillation must have its teacher back"
+    elif step >= DISTILL[1]:
+        assert not begin["teacher"], "the teacher is released when distillation ends"
+    if EVENTS[-1] <= step < DISTILL[1]:  # the detached teacher is rebuilt with the structure it had
+        assert teacher_file["teacher_structure"] and tr.distiller.teacher.model is None  # released at distill_end
+        student_kept = sum(len(v) for k, v in saved.items() if ".apt_masks.kept_" in k)
+        assert student_kept < sum(len(v) for v in teacher_file["teacher_structure"].values())
 
     assert_same_run(ref_final, final_state(tr, pm))
 

@@ -18,10 +18,11 @@ event (see :mod:`apt_hf.distributed`); FSDP, DeepSpeed and other setups are refu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from transformers import TrainerCallback
@@ -177,6 +178,18 @@ class APTCallback(TrainerCallback):
             self._event(k, target, optimizer, prune_now)
             control.should_log = True
         return control
+
+    @contextlib.contextmanager
+    def salience_paused(self) -> Iterator[None]:
+        """Salience hooks removed inside the block (e.g. while the model is deep-copied), re-attached after."""
+        attached = self.collector is not None and bool(self.collector._handles)
+        if attached:
+            self.collector.detach()
+        try:
+            yield
+        finally:
+            if attached:
+                self.collector.attach(self.apt.layout)
 
     def masks_binary(self) -> bool:
         """Whether every mask is exactly 0 or 1 (outside a mask-decay window)."""

@@ -159,17 +159,85 @@ class ParamSnapshot:
 
 
 class Teacher(ParamSnapshot):
-    """The self-distillation teacher: a frozen snapshot of the trainable tensors of a model that shares its frozen
-    backbone (spec F.1)."""
+    """The self-distillation teacher (spec F.1): a frozen snapshot of the trainable tensors of a model that shares
+    its frozen backbone, or, once detached, a frozen mask-free copy of the model with that snapshot in it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.refreshes = 0
+        self.model: Optional[nn.Module] = None  # the detached copy
+        self.names: list[str] = []  # its parameters that hold the snapshot (trainable in the student)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.snapshot) or self.model is not None
 
     def refresh(self, params: Sequence[nn.Parameter]) -> None:
         """Copy the current values of ``params`` (the trainable tensors) as the new teacher."""
+        self.model, self.names = None, []
         self.take(params)
         self.refreshes += 1
+
+    def detach(self, copy: nn.Module, names: dict[int, str]) -> None:
+        """Move the teacher into ``copy``: a mask-free deep copy of the model (see ``APTModel.mask_free_copy``) taken
+        while it still holds every block the teacher was snapshotted with. The snapshot goes into the copy's
+        parameters, which are frozen; the student may then drop the blocks only the teacher needed."""
+        params = dict(copy.named_parameters())
+        self.names = [names[i] for i in self.snapshot]
+        for i, (_, value) in self.snapshot.items():
+            params[names[i]].data = value
+        self.model = copy.requires_grad_(False).eval()
+        self.snapshot = {}
+
+    def release(self) -> None:
+        """Drop the teacher (end of distillation)."""
+        self.model, self.names, self.snapshot = None, [], {}
+
+    def state_dict(self, names: dict[int, str]) -> dict[str, torch.Tensor]:
+        if self.model is None:
+            return super().state_dict(names)
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach() for n in self.names}
+
+    def structure(self) -> Optional[dict[str, torch.Tensor]]:
+        """The detached copy's record of kept original positions (``kept_*`` mask buffers); ``None`` if attached."""
+        from .model import find_apt_model  # (model.py imports this module)
+
+        if self.model is None:
+            return None
+        return {k: v.clone() for k, v in find_apt_model(self.model).masks.state_dict().items() if k.startswith("kept_")}
+
+    def rebuild(self, root: nn.Module, structure: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+        """Re-create a detached teacher when training resumes: copy ``root`` (still the unpruned model), prune the
+        copy to ``structure`` and load the teacher's tensors ``values`` (by parameter name)."""
+        from .model import find_apt_model
+
+        copy = find_apt_model(root).mask_free_copy(root)
+        copy_apt = find_apt_model(copy)
+        try:
+            copy_apt.restore_structure({f"apt_masks.{k}": v for k, v in structure.items()})
+        except ValueError as err:
+            raise ValueError(f"Cannot rebuild the detached distillation teacher: {err} Resume from a fresh "
+                             "(unpruned) base model with the APT adapter added, as apt_hf.APTTrainer expects.") from None
+        params = dict(copy.named_parameters())
+        self.names = list(values)
+        for name, value in values.items():
+            params[name].data = value.to(params[name].device, params[name].dtype)
+        self.model = copy.requires_grad_(False).eval()
+        self.snapshot = {}
+
+    def outputs(self, model: nn.Module, masks: APTMasks, inputs: dict):
+        """The teacher's forward pass on ``inputs`` (no grad, eval mode, hidden states returned)."""
+        if self.model is not None:
+            with torch.no_grad():
+                return self.model(**inputs, output_hidden_states=True)
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self.active(masks):
+                return model(**inputs, output_hidden_states=True)
+        finally:
+            model.train(was)
 
     @contextlib.contextmanager
     def active(self, masks: Optional[APTMasks] = None) -> Iterator[None]:

@@ -46,6 +46,10 @@ def improves(value: float, loss: Optional[float], best: Optional[float], best_lo
     return value == best and None not in (loss, best_loss) and loss < best_loss
 
 
+def _read_state(path: str) -> dict:
+    return torch.load(path, weights_only=False)
+
+
 def _unwrap(obj, attr: str):
     while hasattr(obj, attr) and not hasattr(obj, "param_groups" if attr == "optimizer" else "base_lrs"):
         obj = getattr(obj, attr)
@@ -116,7 +120,7 @@ class DistillCallback(TrainerCallback):
         if self.resume_dir is not None:
             path = os.path.join(self.resume_dir, DISTILL_STATE_FILE)
             if os.path.exists(path):
-                self.load_state_dict(torch.load(path, weights_only=False), model)
+                self.load_state_dict(_read_state(path), model)
             elif state.global_step >= min(self.refresh_steps, default=self.start):
                 raise FileNotFoundError(
                     f"{self.resume_dir} has no {DISTILL_STATE_FILE}, but the run resumes at step {state.global_step}, "
@@ -128,14 +132,18 @@ class DistillCallback(TrainerCallback):
 
     def state_dict(self, model) -> dict:
         names = {id(p): n for n, p in model.named_parameters()}
-        return {"teacher": self.teacher.state_dict(names), "best": self.best, "best_loss": self.best_loss,
-                "refreshes": self.teacher.refreshes, "best_student": self.best_student.state_dict(names),
-                "best_student_metric": self.best_student_metric, "best_student_loss": self.best_student_loss,
-                "best_student_step": self.best_student_step}
+        state = {"teacher": self.teacher.state_dict(names), "best": self.best, "best_loss": self.best_loss,
+                 "refreshes": self.teacher.refreshes, "best_student": self.best_student.state_dict(names),
+                 "best_student_metric": self.best_student_metric, "best_student_loss": self.best_student_loss,
+                 "best_student_step": self.best_student_step}
+        if self.teacher.model is not None:  # detached: its structure, so that resuming can rebuild it
+            state["teacher_structure"] = self.teacher.structure()
+        return state
 
     def load_state_dict(self, state: dict, model) -> None:
         params = dict(model.named_parameters())
-        self.teacher.load_state_dict(state["teacher"], params)
+        if "teacher_structure" not in state:  # (a detached teacher was rebuilt by APTTrainer.train already)
+            self.teacher.load_state_dict(state["teacher"], params)
         self.best, self.teacher.refreshes = state["best"], state["refreshes"]
         self.best_loss = state.get("best_loss")
         self.best_student.load_state_dict(state.get("best_student", {}), params)
@@ -148,8 +156,29 @@ class DistillCallback(TrainerCallback):
             torch.save(self.state_dict(model), os.path.join(folder, DISTILL_STATE_FILE))
         return control
 
+    def rebuild_detached_teacher(self, checkpoint_dir: str, model) -> None:
+        """Before the checkpoint's weights are loaded (the model is still unpruned): re-create a teacher that had been
+        detached from the model when the checkpoint was saved."""
+        path = os.path.join(checkpoint_dir, DISTILL_STATE_FILE)
+        state = _read_state(path) if os.path.exists(path) else {}
+        if state.get("teacher_structure") is not None:
+            self.teacher.rebuild(model, state["teacher_structure"], state["teacher"])
+
     def active(self, step: int) -> bool:
         return self.enabled and self.teacher.ready and self.start <= step < self.end
+
+    def _detach_teacher(self, model, optimizer) -> None:
+        """After an event with no teacher refresh left before ``distill_end`` (e.g. the last event), the teacher
+        moves into its own frozen mask-free copy of the model and the held blocks are removed from the student, so
+        the student stops computing zero-masked blocks (beyond the reference, which prunes the student virtually).
+        Costs a copy of the model as it stands (at most the teacher's density) until distillation ends."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        with self.apt_callback.salience_paused():
+            copy = self.apt.mask_free_copy(model)
+        self.teacher.detach(copy, names)
+        self.apt_callback.remove_pruned(optimizer)
+        logger.warning("APT distillation: teacher detached into its own copy of the model (no refresh before "
+                       "distill_end); the held blocks are removed from the student.")
 
     def _refresh(self, model, optimizer) -> None:
         self.apt_callback.remove_pruned(optimizer)  # the new teacher is the pruned student (spec F.1)
@@ -165,6 +194,9 @@ class DistillCallback(TrainerCallback):
                 control.should_evaluate, self._awaiting_eval = True, True
             else:
                 self._refresh(model, optimizer)
+        if (self.apt_callback.held is not None and step in self.apt_callback.plan.events and step < self.end
+                and not any(step < r < self.end for r in self.refresh_steps)):
+            self._detach_teacher(model, optimizer)
         if step == self.end:
             if self._has_eval:  # spec F.2 step 3: evaluate, reload the best post-pruning student (on_evaluate)
                 control.should_evaluate, self._awaiting_final = True, True
@@ -190,6 +222,7 @@ class DistillCallback(TrainerCallback):
 
     def _end_distillation(self, step: int, optimizer) -> None:
         self.apt_callback.remove_pruned(optimizer)
+        self.teacher.release()
         logger.warning("APT distillation ended at step %d; fine-tuning with a fresh schedule at %.2fx the peak "
                        "learning rate.", step, self.apt_callback.config.post_distill_lr_ratio)
 
@@ -244,6 +277,7 @@ class DistillCallback(TrainerCallback):
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
         if self.enabled:  # a run stopped before distill_end still ends with the pruned blocks removed
             self.apt_callback.remove_pruned(optimizer)
+            self.teacher.release()
         return control
 
 
@@ -274,6 +308,7 @@ class APTTrainer(Trainer):
         if isinstance(path, str):
             self.apt_callback.restore_from(path)
             self.distiller.resume_dir = path
+            self.distiller.rebuild_detached_teacher(path, self.model)
         self._keep_transform_out_of_ddp()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
@@ -327,10 +362,7 @@ class APTTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self.loss_is_scaled_for_ga = False  # a mean loss: Trainer divides by the accumulation steps
         apt, cfg, plan = self.distiller.apt, self.apt_callback.config, self.apt_callback.plan
-        model.eval()
-        with torch.no_grad(), self.distiller.teacher.active(apt.masks):
-            teacher = model(**inputs, output_hidden_states=True)
-        model.train()
+        teacher = self.distiller.teacher.outputs(model, apt.masks, inputs)
         student = model(**inputs, output_hidden_states=True)
         task = student.loss
         pred, layer = self._distill_losses(student, teacher, inputs, apt, cfg)
