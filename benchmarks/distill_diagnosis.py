@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> Path:
         ramp = apt_hf.trainer.distill_mu
         apt_hf.trainer.distill_mu = lambda step, **kw: min(args.mu_max, ramp(step, **kw))
     work = ROOT / "runs" / "distill_diagnosis" / path.stem
-    argv = ["--task_name", args.task, "--glue_dir", args.glue_dir, "--method", "apt", "--max_train_samples", str(args.train_rows),
+    argv = ["--task_name", args.task, "--glue_dir", args.glue_dir, "--method", "apt",
+            "--max_train_samples", str(args.train_rows),
             "--max_seq_length", str(args.max_length), "--per_device_train_batch_size", "32",
             "--per_device_eval_batch_size", "64", "--num_train_epochs", str(args.epochs), "--learning_rate", "5e-4",
             "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps), "--logging_steps", "10",

@@ -88,7 +88,8 @@ def estimate(tasks: list[str], batch_size: int) -> str:
     fixed, per_token, factor, overhead = calibration()
     lines = [f"FT s/step = {fixed:.3f} + {per_token:.4f} x padded tokens; step time / FT: "
              + ", ".join(f"{m} {v:.2f}" for m, v in factor.items()) + f"; overhead {overhead:.0f} s per run", "",
-             "| task | rows x epochs | steps | FT s/step (est.) | runs | est. CPU time (h) |", "|---|---|---|---|---|---|"]
+             "| task | rows x epochs | steps | FT s/step (est.) | runs | est. CPU time (h) |",
+             "|---|---|---|---|---|---|"]
     total = 0.0
     for task in tasks:
         plan = TASKS[task]

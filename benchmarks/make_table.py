@@ -119,7 +119,8 @@ def suite_table(task: str) -> str:
         sd = statistics.stdev(best) if len(best) > 1 else 0.0
         reached = [r["time_to_97pct_ft_s"] for r in rs if r["time_to_97pct_ft_s"] is not None]
         lines.append(
-            f"| {method} | {len(rs)} | {statistics.mean(best):.4f} ± {sd:.4f} | {mean([r['final_metric'] for r in rs], '.4f')} "
+            f"| {method} | {len(rs)} | {statistics.mean(best):.4f} ± {sd:.4f} | "
+            f"{mean([r['final_metric'] for r in rs], '.4f')} "
             f"| {mean([r['best_vs_ft'] for r in rs], '.3f')} | {len(reached)} of {len(rs)} | "
             f"{mean(reached, '.0f', 'not reached')} | {mean([r['train_time_s'] for r in rs], '.0f')} | "
             f"{mean([r['peak_rss_mb'] for r in rs], '.0f')} | {mean([r['density'] for r in rs], '.3f')} | "

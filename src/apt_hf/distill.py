@@ -218,7 +218,8 @@ class Teacher(ParamSnapshot):
             copy_apt.restore_structure({f"apt_masks.{k}": v for k, v in structure.items()})
         except ValueError as err:
             raise ValueError(f"Cannot rebuild the detached distillation teacher: {err} Resume from a fresh "
-                             "(unpruned) base model with the APT adapter added, as apt_hf.APTTrainer expects.") from None
+                             "(unpruned) base model with the APT adapter added, as apt_hf.APTTrainer "
+                             "expects.") from None
         params = dict(copy.named_parameters())
         self.names = list(values)
         for name, value in values.items():
@@ -264,5 +265,6 @@ def default_pred_weight(task: str) -> float:
     return 0.1 if task in ("SEQ_2_SEQ_LM", "CAUSAL_LM") else 1.0
 
 
-__all__ = ["ParamSnapshot", "Teacher", "alive_layers", "default_pred_weight", "layer_candidates", "layer_loss", "make_transform",
+__all__ = ["ParamSnapshot", "Teacher", "alive_layers", "default_pred_weight", "layer_candidates", "layer_loss",
+           "make_transform",
            "prediction_loss", "sample_teacher_layers"]

@@ -103,13 +103,13 @@ class DistillCallback(TrainerCallback):
         self.last_event = plan.events[-1]
         self._has_eval = self._has_eval and args.eval_strategy != "no"
         if not self._has_eval:
-            logger.warning("APT distillation without evaluation: the teacher is refreshed at the start of every mask-decay "
-                           "window whose target is < 1 (the latest model), instead of only when the dev metric improves, "
-                           "and no best checkpoint is reloaded at distill_end.")
+            logger.warning("APT distillation without evaluation: the teacher is refreshed at the start of every "
+                           "mask-decay window whose target is < 1 (the latest model), instead of only when the dev "
+                           "metric improves, and no best checkpoint is reloaded at distill_end.")
         elif args.metric_for_best_model is None:
-            logger.warning("APT distillation: TrainingArguments.metric_for_best_model is unset, so teacher refreshes and "
-                           "the best-checkpoint reload are judged on the eval loss; spec F.1 judges on the task's dev "
-                           "metric (set metric_for_best_model, e.g. 'accuracy').")
+            logger.warning("APT distillation: TrainingArguments.metric_for_best_model is unset, so teacher refreshes "
+                           "and the best-checkpoint reload are judged on the eval loss; spec F.1 judges on the task's "
+                           "dev metric (set metric_for_best_model, e.g. 'accuracy').")
         for listener in (self.teacher.follow, self.best_student.follow):
             if listener not in self.apt_callback.change_listeners:
                 self.apt_callback.change_listeners.append(listener)
@@ -147,7 +147,8 @@ class DistillCallback(TrainerCallback):
         self.best, self.teacher.refreshes = state["best"], state["refreshes"]
         self.best_loss = state.get("best_loss")
         self.best_student.load_state_dict(state.get("best_student", {}), params)
-        self.best_student_metric, self.best_student_loss = state.get("best_student_metric"), state.get("best_student_loss")
+        self.best_student_metric = state.get("best_student_metric")
+        self.best_student_loss = state.get("best_student_loss")
         self.best_student_step = state.get("best_student_step")
 
     def on_save(self, args, state, control, model=None, **kwargs):
