@@ -138,13 +138,14 @@ def ranks(model) -> dict[str, int]:
 
 
 def train(make_model, out, trainer_cls=apt_hf.APTTrainer, save_at=(), record_at=(), resume=None, callbacks=(),
-          **arg_kw):
+          eval_data=None, **arg_kw):
     """Train a fresh model; returns (trainer, model, recorder)."""
     pm = make_model()
     args = make_args(out, **arg_kw)
     lm = getattr(pm.peft_config["default"], "task_type", None) == "CAUSAL_LM"
     cbs = [SaveAt(save_at)] if save_at else []
-    tr = trainer_cls(model=pm, args=args, train_dataset=TokenTask(lm=lm), callbacks=cbs + list(callbacks))
+    tr = trainer_cls(model=pm, args=args, train_dataset=TokenTask(lm=lm), callbacks=cbs + list(callbacks),
+                     eval_dataset=eval_data)
     rec = Recorder(tr, record_at)
     tr.add_callback(rec)  # after APTCallback / DistillCallback
     tr.train(resume_from_checkpoint=resume)
@@ -272,6 +273,21 @@ def test_resume_is_exact(case, reference, checkpoints, tmp_path):
         assert student_kept < sum(len(v) for v in teacher_file["teacher_structure"].values())
 
     assert_same_run(ref_final, final_state(tr, pm))
+
+
+def test_resume_keeps_the_best_post_pruning_student(tmp_path):
+    """Spec F.2 step 3 across a restart: a checkpoint between the last pruning event (40) and distill_end (60)
+    carries the best student evaluated so far (on eval loss here), and the resumed run reloads the same one."""
+    kw = dict(eval_data=torch.utils.data.Subset(TokenTask(), range(48)), eval_strategy="steps", eval_steps=3)
+    ref_tr, ref_pm, _ = train(bert_model, tmp_path / "ref", **kw)
+    ck_tr, ck_pm, _ = train(bert_model, tmp_path / "ckpt", save_at=[50], **kw)
+    assert_same_run(final_state(ref_tr, ref_pm), final_state(ck_tr, ck_pm))
+    saved = torch.load(tmp_path / "ckpt" / "checkpoint-50" / DISTILL_STATE_FILE, weights_only=False)
+    assert saved["best_student"] and EVENTS[-1] <= saved["best_student_step"] <= 50
+    assert saved["teacher_structure"]  # the teacher was detached at the last event
+    tr, pm, _ = train(bert_model, tmp_path / "resumed", resume=str(tmp_path / "ckpt" / "checkpoint-50"), **kw)
+    assert tr.distiller.best_student_step == ref_tr.distiller.best_student_step
+    assert_same_run(final_state(ref_tr, ref_pm), final_state(tr, pm))
 
 
 def test_resume_true_picks_last_checkpoint(reference, checkpoints, tmp_path):
