@@ -3,8 +3,8 @@
 SST-2 on its full training set and MRPC, RTE, STS-B and CoLA, with all-MiniLM-L6-v2 at 60 % sparsity. FT, LoRA,
 APT and APT w/o D_S run at seeds 42, 43 and 44; LoRA+Prune, APT w/o A_T and APT w/o A_P at seed 42. Every run goes
 through ``examples/run_glue.py`` in its own process (:func:`glue_benchmark.run_method`), with the same flags for
-every task except the per-task rows below (``TASKS``), and ``--group_by_length True`` (batches of similar lengths,
-so little padding is computed; the same for every method).
+every task except the per-task rows below (``TASKS``), and ``--train_sampling_strategy group_by_length`` (batches
+of similar lengths, so little padding is computed; the same for every method).
 
 One result file per (task, method, seed), ``benchmarks/results/suite/<task>/<method>_seed<seed>.json``; a run whose
 file exists is skipped, so an interrupted benchmark is finished by running the same command again. After every run
@@ -35,12 +35,12 @@ MAIN_METHODS = ("ft", "lora", "apt", "apt_wo_DS")
 ABLATIONS = ("lora_prune", "apt_wo_AT", "apt_wo_AP")
 SEEDS = (42, 43, 44)
 ABLATION_SEED = 42
-COMMON_FLAGS = "--group_by_length True"
+COMMON_FLAGS = "--train_sampling_strategy group_by_length"
 
 # Per task: training rows (None: the whole training set), epochs, max tokens, evaluation interval (optimizer steps,
 # about 20 evaluations per run) and, for --estimate only, the mean padded length of a batch of 32 drawn by
-# transformers' LengthGroupedSampler (--group_by_length), measured on the training set with the MiniLM tokenizer
-# (random batches: SST-2 40.1, MRPC 80.1, RTE 127.9, STS-B 69.5, CoLA 23.1 tokens).
+# transformers' LengthGroupedSampler (group_by_length sampling), measured on the training set with the MiniLM
+# tokenizer (random batches: SST-2 40.1, MRPC 80.1, RTE 127.9, STS-B 69.5, CoLA 23.1 tokens).
 TASKS: dict[str, dict] = {
     "sst2": dict(train_rows=None, epochs=1.0, max_length=64, eval_steps=100, batch_tokens=14.0),
     "mrpc": dict(train_rows=None, epochs=5.0, max_length=128, eval_steps=30, batch_tokens=55.1),

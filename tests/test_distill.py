@@ -541,6 +541,11 @@ def test_training_phases(kind, tmp_path):
         assert rec.lr[step] == pytest.approx([want] * len(rec.lr[step]), rel=1e-6, abs=1e-12), step
         assert logs[step - 1]["learning_rate"] == pytest.approx(want, rel=1e-6, abs=1e-12), step
 
+    # the fine-tuning phase started from a fresh optimizer state (spec F.2): Adam counted only its own steps
+    inner = tr.optimizer.optimizer if hasattr(tr.optimizer, "optimizer") else tr.optimizer
+    steps = {int(st["step"]) for p, st in inner.state.items() if p.requires_grad}
+    assert steps == {MAX_STEPS - DISTILL_END}
+
     # pruned to the target; finite losses throughout
     assert density(pm) <= 0.41
     assert all(math.isfinite(h["loss"]) for h in logs)

@@ -3,8 +3,8 @@
 Phases (spec F.2), all in optimizer steps: plain tuning -> distillation from the step after the first event whose
 target density is < 1 until ``distill_end`` (``L = mu L_distill + (1 - mu) L_task``, mu linear over the pruning
 window, spec F.3) -> at ``distill_end``, with evaluation data, the best student evaluated after the last pruning
-event is reloaded (its trainable tensors: adapters, task head, ``Tr``; the backbone is frozen) and its optimizer
-state reset -> task-loss fine-tuning of the pruned model with a fresh schedule (spec F.2: 6 % warm-up, then linear
+event is reloaded (its trainable tensors: adapters, task head, ``Tr``; the backbone is frozen), and the optimizer
+state is reset -> task-loss fine-tuning of the pruned model with a fresh schedule (spec F.2: 6 % warm-up, then linear
 decay) peaking at ``post_distill_lr_ratio`` x the learning rate, on the same optimizer. ``Trainer.train()`` is not
 altered.
 
@@ -202,7 +202,7 @@ class DistillCallback(TrainerCallback):
             if self._has_eval:  # spec F.2 step 3: evaluate, reload the best post-pruning student (on_evaluate)
                 control.should_evaluate, self._awaiting_final = True, True
             else:
-                self._end_distillation(step, optimizer)
+                self._end_distillation(step, model, optimizer)
         if self.end <= step < state.max_steps:
             self._set_post_distill_lr(step + 1, state.max_steps, args, optimizer, lr_scheduler)
         return control
@@ -221,7 +221,10 @@ class DistillCallback(TrainerCallback):
         if getattr(sched, "_last_lr", None) is not None:  # what Trainer logs as the learning_rate
             sched._last_lr = [group["lr"] for group in groups]
 
-    def _end_distillation(self, step: int, optimizer) -> None:
+    def _end_distillation(self, step: int, model, optimizer) -> None:
+        """Spec F.2: the fine-tuning phase starts from a fresh optimizer state (the reference rebuilds the
+        optimizer) on the physically pruned model; the teacher is dropped."""
+        reset_state(optimizer, [p for p in model.parameters() if p.requires_grad])
         self.apt_callback.remove_pruned(optimizer)
         self.teacher.release()
         logger.warning("APT distillation ended at step %d; fine-tuning with a fresh schedule at %.2fx the peak "
@@ -247,16 +250,16 @@ class DistillCallback(TrainerCallback):
                 self.best_student_step = state.global_step
         if self._awaiting_final:
             self._awaiting_final = False
-            self._reload_best_student(optimizer)
-            self._end_distillation(state.global_step, optimizer)
+            self._reload_best_student()
+            self._end_distillation(state.global_step, model, optimizer)
         return control
 
-    def _reload_best_student(self, optimizer) -> None:
+    def _reload_best_student(self) -> None:
         """Spec F.2 step 3: restore the best student evaluated after pruning completed (its trainable tensors; the
-        backbone is frozen) and forget their optimizer state, as the reference's rebuilt optimizer does."""
+        backbone is frozen)."""
         if not self.best_student.ready:
             return
-        reset_state(optimizer, self.best_student.restore())
+        self.best_student.restore()
         logger.warning("APT distillation: reloaded the best student evaluated after the last pruning event (step %d, "
                        "metric %.4f) for the post-distillation fine-tuning.", self.best_student_step,
                        self.best_student_metric)
