@@ -58,6 +58,7 @@ def run_method(name: str, args: argparse.Namespace, out: Path) -> dict:
            "--target_sparsity", str(args.target_sparsity), "--output_dir", str(out / name),
            "--export_dir", str(out / name / "export"), "--overwrite_export", "True",
            "--speed_repeats", str(args.speed_repeats), "--speed_batch_size", "32", "--speed_seq_length", "128"]
+    cmd += shlex.split(getattr(args, "run_glue_args", ""))  # every method (glue_suite.py)
     if name.startswith("apt"):
         cmd += shlex.split(args.apt_args)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}

@@ -78,6 +78,77 @@ def seed_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def _collapsed(row: dict, metric: str, majority) -> bool:
+    """Whether a run ended as a constant model: accuracy equal to the dev majority-class share, or a correlation
+    (Matthews, Pearson) of exactly 0 or NaN."""
+    if majority is not None:
+        accuracy = row["final_metric"] if metric == "accuracy" else row.get("final_accuracy")
+        if accuracy is not None and abs(accuracy - majority) < 1e-9:
+            return True
+    value = row["final_metric"]
+    return metric in ("matthews_correlation", "pearson") and (value != value or value == 0.0)
+
+
+def suite_rows(task: str) -> tuple[dict, dict[str, list[dict]]]:
+    """The meta of a task's first seed file and, per method, its table rows over the seeds (glue_suite.py)."""
+    files = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"glue_{task}_suite_seed*.json"))]
+    rows: dict[str, list[dict]] = {}
+    for data in files:
+        for row in data["table"]:
+            rows.setdefault(row["method"], []).append({**row, "seed": data["meta"]["args"]["seed"]})
+    return (files[0]["meta"] if files else {}), rows
+
+
+def suite_table(task: str) -> str:
+    """Means over seeds per method of one task of the paper-shaped benchmark (glue_suite.py)."""
+    meta, rows = suite_rows(task)
+    if not rows:
+        return f"no glue_{task}_suite_seed*.json results yet"
+    metric, majority = meta["metric"], meta.get("majority_share")
+
+    def mean(values, spec: str, none: str = "–") -> str:
+        values = [v for v in values if v is not None]
+        return fmt(statistics.mean(values), spec) if values else none
+
+    lines = [f"{task}, dev {metric}; `{meta['command']}`", "",
+             "| method | seeds | best dev, mean ± sd | final dev, mean | best / FT, mean | seeds at >= 97 % of FT | "
+             "time to 97 % of FT, mean (s) | train time, mean (s) | peak RSS, mean (MB) | density | "
+             "throughput vs dense b32x128 / b1x128 | seeds ending constant |", "|---" * 12 + "|"]
+    for method, rs in rows.items():
+        best = [r["best_metric"] for r in rs]
+        sd = statistics.stdev(best) if len(best) > 1 else 0.0
+        reached = [r["time_to_97pct_ft_s"] for r in rs if r["time_to_97pct_ft_s"] is not None]
+        lines.append(
+            f"| {method} | {len(rs)} | {statistics.mean(best):.4f} ± {sd:.4f} | "
+            f"{mean([r['final_metric'] for r in rs], '.4f')} "
+            f"| {mean([r['best_vs_ft'] for r in rs], '.3f')} | {len(reached)} of {len(rs)} | "
+            f"{mean(reached, '.0f', 'not reached')} | {mean([r['train_time_s'] for r in rs], '.0f')} | "
+            f"{mean([r['peak_rss_mb'] for r in rs], '.0f')} | {mean([r['density'] for r in rs], '.3f')} | "
+            f"{speed(_mean_or_none([r['throughput_b32_vs_dense'] for r in rs]))} / "
+            f"{speed(_mean_or_none([r['throughput_b1_vs_dense'] for r in rs]))} | "
+            f"{sum(_collapsed(r, metric, majority) for r in rs)} |")
+    return "\n".join(lines)
+
+
+def suite_summary(tasks: list[str]) -> str:
+    """Best dev / FT per task and its mean over tasks, per method (means over seeds)."""
+    per_task = {t: suite_rows(t)[1] for t in tasks}
+    tasks = [t for t in tasks if per_task[t]]
+    methods = list(dict.fromkeys(m for t in tasks for m in per_task[t]))
+    lines = ["| method | " + " | ".join(tasks) + " | mean over tasks |", "|---" * (len(tasks) + 2) + "|"]
+    for m in methods:
+        ratios = [_mean_or_none([r["best_vs_ft"] for r in per_task[t].get(m, [])]) for t in tasks]
+        known = [v for v in ratios if v is not None]
+        lines.append(f"| {m} | " + " | ".join(fmt(v, ".3f") for v in ratios) +
+                     f" | {fmt(statistics.mean(known), '.3f') if len(known) == len(tasks) else '–'} |")
+    return "\n".join(lines)
+
+
+def _mean_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
 def speed(value) -> str:
     return "–" if value is None else f"{value:.2f}x"
 
@@ -92,10 +163,17 @@ def prune_table(path: Path) -> str:
                                                      if r.get("malloc_mmap_threshold") else "") + ".")
 
 
+SUITE_TASKS = ["sst2", "mrpc", "rte", "stsb", "cola"]
+
 if __name__ == "__main__":
-    for path in sorted(RESULTS.glob("glue_*.json")):
+    suite = [t for t in SUITE_TASKS if any(RESULTS.glob(f"glue_{t}_suite_seed*.json"))]
+    for task in suite:
+        print(suite_table(task), "\n")
+    if suite:
+        print(suite_summary(suite), "\n")
+    for path in sorted(p for p in RESULTS.glob("glue_*.json") if "_suite_" not in p.name):
         print(glue_table(path), "\n")
-    for main in sorted(RESULTS.glob("glue_*.json")):
+    for main in sorted(p for p in RESULTS.glob("glue_*.json") if "_suite_" not in p.name):
         seeded = sorted(RESULTS.glob(main.stem + "_seed*.json"))
         if seeded:
             print(seed_table([main, *seeded]), "\n")

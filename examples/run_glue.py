@@ -275,6 +275,13 @@ def build_apt_config(apt_args: APTArguments, method_args: MethodArguments, total
     return config
 
 
+def select_on_task_metric(training_args: TrainingArguments, main_metric: str) -> None:
+    """Judge APT's teacher refreshes and best-checkpoint reload on the task's dev metric (spec F.1) unless
+    ``--metric_for_best_model`` was given; every GLUE main metric is better when greater."""
+    if training_args.metric_for_best_model is None:
+        training_args.metric_for_best_model, training_args.greater_is_better = main_metric, True
+
+
 def load_data(data_args: DataArguments) -> tuple[datasets.Dataset, datasets.Dataset, Any]:
     """Train and evaluation rows (``sentence1`` [, ``sentence2``], ``label``) and the task description."""
     sources = [flag for flag, value in (("--task_name", data_args.task_name), ("--dataset_name",
@@ -481,6 +488,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         return compute_metrics(spec, predictions, p.label_ids)
 
     # 7. Train (resuming when there is a checkpoint), save, evaluate.
+    select_on_task_metric(training_args, spec.main_metric)
     trainer_cls = apt_hf.APTTrainer if method_args.method == "apt" else Trainer
     clock = EvalClock(spec.main_metric)
     trainer = trainer_cls(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,

@@ -317,6 +317,19 @@ def test_alive_layers_bert_after_removing_all_heads_of_one_layer():
     assert alive_layers(apt.layout) == {"main": [True, False, False]}
 
 
+def test_alive_layers_with_masks_ignores_held_blocks():
+    """A layer whose heads are all zero-masked but still physically present (held back while distilling) is not
+    alive for the layer mapping (spec F.3); nor is one whose FFN neurons are."""
+    pm = peft.get_peft_model(make_model("bert"), apt_hf.APTConfig(task_type="SEQ_CLS"))
+    apt = apt_hf.find_apt_model(pm)
+    masks = apt.masks
+    masks.heads[1] = torch.zeros(masks.heads[1].numel())
+    masks.heads[0] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    masks.neurons[2] = torch.zeros(masks.neurons[2].numel())
+    assert alive_layers(apt.layout, masks) == {"main": [True, False, False]}
+    assert alive_layers(apt.layout) == {"main": [True, True, True]}  # the physical view: nothing removed yet
+
+
 def test_alive_layers_t5_site_order():
     """T5 head masks: encoder self-attentions, then per decoder block its self- and cross-attention."""
     att = lambda *n: [SimpleNamespace(num_heads=h) for h in n]  # noqa: E731
@@ -539,6 +552,11 @@ def test_training_phases(kind, tmp_path):
         assert rec.lr[step] == pytest.approx([want] * len(rec.lr[step]), rel=1e-6, abs=1e-12), step
         assert logs[step - 1]["learning_rate"] == pytest.approx(want, rel=1e-6, abs=1e-12), step
 
+    # the fine-tuning phase started from a fresh optimizer state (spec F.2): Adam counted only its own steps
+    inner = tr.optimizer.optimizer if hasattr(tr.optimizer, "optimizer") else tr.optimizer
+    steps = {int(st["step"]) for p, st in inner.state.items() if p.requires_grad}
+    assert steps == {MAX_STEPS - DISTILL_END}
+
     # pruned to the target; finite losses throughout
     assert density(pm) <= 0.41
     assert all(math.isfinite(h["loss"]) for h in logs)
@@ -557,13 +575,9 @@ class StructureRecorder(TrainerCallback):
         masks = apt.masks
         teacher = None
         if distiller.teacher.ready:
-            was = model.training
-            model.eval()
-            with torch.no_grad(), distiller.teacher.active(masks):
-                teacher = model(**self.batch).logits.clone()
-            model.train(was)
+            teacher = distiller.teacher.outputs(model, masks, self.batch).logits.clone()
         self.at[state.global_step] = SimpleNamespace(
-            teacher=teacher, refreshes=distiller.teacher.refreshes,
+            teacher=teacher, refreshes=distiller.teacher.refreshes, detached=distiller.teacher.model is not None,
             physical=(sum(s.num_heads for s in apt.layout.attentions), sum(f.num_neurons for f in apt.layout.ffns)),
             kept=(sum(int((m > 0).sum()) for m in masks.heads), sum(int((m > 0).sum()) for m in masks.neurons)),
             masks=[m.clone() for m in [*masks.heads, *masks.neurons]], held=self.trainer.apt_callback.held)
@@ -591,10 +605,14 @@ def test_teacher_keeps_its_structure_until_refresh(kind, tmp_path):
 
     for step in range(DISTILL_START - 1, DISTILL_END):
         now, before = at[step], at[step - 1]
-        if step in EVENTS:  # pruned in the masks (they may reach 0 inside the window already), held physically
+        if step in EVENTS[:-1]:  # pruned in the masks (they may reach 0 inside the window already), held physically
             pre = at[WINDOWS[EVENTS.index(step)] - 1]
             assert now.kept[0] + now.kept[1] < pre.kept[0] + pre.kept[1], step
-            assert now.physical == before.physical and now.held is not None, step
+            assert now.physical == before.physical and now.held is not None and not now.detached, step
+        if step >= EVENTS[-1]:  # no refresh left: the teacher has its own copy, the student drops held blocks
+            assert now.detached and now.held is None and now.physical[1] == now.kept[1], step
+            if kind == "bert":
+                assert now.physical[0] == now.kept[0] < before.physical[0] or step > EVENTS[-1], step
         if step in WINDOWS:  # refresh: held blocks removed first, then the new snapshot
             assert now.held is None and now.physical[1] == now.kept[1], step
             if kind == "bert":  # (GQA keeps padding heads of surviving groups physically)
@@ -604,9 +622,9 @@ def test_teacher_keeps_its_structure_until_refresh(kind, tmp_path):
         if now.physical == before.physical and before.held is not None:  # held blocks never come back
             for m_now, m_before in zip(now.masks, before.masks):
                 assert not bool(((m_before == 0) & (m_now != 0)).any()), step
-    # distillation ends with nothing held: the physical model is exactly the kept structure
+    # distillation ends with nothing held and no teacher: the physical model is exactly the kept structure
     end = at[DISTILL_END]
-    assert at[DISTILL_END - 1].held is not None and end.held is None
+    assert end.held is None and not end.detached and not tr.distiller.teacher.ready
     assert end.physical[1] == end.kept[1]
     if kind == "bert":
         assert end.physical[0] == end.kept[0]
@@ -628,6 +646,65 @@ def test_mu_is_averaged_over_the_logging_window(tmp_path):
             assert h["apt/mu"] == pytest.approx(want, abs=1e-9), h["step"]
             distill.append(h["apt/mu"])
     assert len(distill) >= 6 and all(b >= a for a, b in zip(distill, distill[1:]))
+
+
+class EvaluateAt(TrainerCallback):
+    """Ask for an evaluation at the given steps and record the model's logits on a fixed batch at each evaluation
+    (added before the APT callbacks, so it sees the model before any reload) and at the start of each step."""
+
+    def __init__(self, steps, batch: dict) -> None:
+        self.steps, self.batch = set(steps), batch
+        self.at_eval: dict[int, torch.Tensor] = {}
+        self.at_begin: dict[int, torch.Tensor] = {}
+
+    def _logits(self, model) -> torch.Tensor:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(**self.batch).logits.clone()
+        model.train(was)
+        return out
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.at_begin[state.global_step + 1] = self._logits(model)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            control.should_evaluate = True
+        return control
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self.at_eval[state.global_step] = self._logits(model)
+        return control
+
+
+def test_best_post_pruning_student_is_reloaded_at_distill_end(tmp_path):
+    """Spec F.2 step 3: at distill_end the best student evaluated after the last pruning event (on
+    metric_for_best_model) is reloaded before the task-loss fine-tuning starts; evaluations before the last event
+    never count, however good."""
+    factory, task, data, _ = RUNS["bert"]
+    pm = peft.get_peft_model(factory(), apt_hf.APTConfig(task_type=task, **SCHEDULE, distill_end=DISTILL_END))
+    scores = {w: 0.5 + 0.01 * i for i, w in enumerate(WINDOWS)}  # every window refreshes the teacher
+    scores.update({20: 0.99, 26: 0.70, 28: 0.80, 30: 0.60, DISTILL_END: 0.65})  # 20 is before the last event (24)
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=8, max_steps=MAX_STEPS, learning_rate=LR,
+                             logging_steps=5, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                             seed=0, eval_strategy="steps", eval_steps=1000, metric_for_best_model="score")
+    ds = TokenData(data)
+    batch = {k: torch.stack([ds[i][k] for i in range(4)]) for k in ("input_ids", "attention_mask")}
+    rec = EvaluateAt([20, 26, 28, 30], batch)
+    tr = None
+    tr = apt_hf.APTTrainer(model=pm, args=args, train_dataset=ds, eval_dataset=torch.utils.data.Subset(ds, range(16)),
+                           callbacks=[rec], compute_metrics=lambda p: {"score": scores.get(tr.state.global_step, 0.0)})
+    tr.train()
+    assert set(WINDOWS) | {20, 26, 28, 30, DISTILL_END} <= set(rec.at_eval)
+    assert tr.distiller.teacher.refreshes == len(WINDOWS)
+    # fine-tuning starts from the student of step 28, not from the one distillation ended with
+    start = rec.at_begin[DISTILL_END + 1]
+    assert float((rec.at_eval[DISTILL_END] - rec.at_eval[28]).abs().max()) > 1e-4  # the two students differ
+    torch.testing.assert_close(start, rec.at_eval[28], rtol=0, atol=1e-6)
+    assert tr.apt_callback.held is None and not tr.distiller.best_student.ready
+    assert density(pm) <= 0.41
 
 
 def test_distillation_waits_for_first_real_event(tmp_path):

@@ -26,7 +26,7 @@ from apt_hf.callback import resolve_plan
 from apt_hf.config import APTConfig
 from apt_hf.schedule import (adapter_budget, decay_window_start, distill_mu, mask_step, pruning_event_steps,
                              target_density)
-from apt_hf.search import fill_budget, search_kept
+from apt_hf.search import fill_budget, search_kept, swap_to_budget
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NAN, INF = float("nan"), float("inf")
@@ -119,6 +119,9 @@ def test_search_and_fill_budget_stay_within_budget(data):
     for before, after in zip(kept[0] + kept[1] + [kept[2]], filled[0] + filled[1] + [filled[2]]):
         assert bool((after | ~before).all()), "fill_budget must only add blocks"
     assert cm.count(*filled) >= cm.count(*kept)
+    swapped = swap_to_budget(cm, filled, densities, budget)
+    check_kept(cm, swapped, s_heads, s_neurons, s_hidden, budget)
+    assert cm.count(*swapped) >= cm.count(*filled)  # a swap is only taken when it lands within 1 % below budget
 
 
 @FAST

@@ -6,7 +6,8 @@ ranks, parameter count, APT salience state and weights (max abs diff <= 1e-6) as
 
 Schedule (optimizer steps, 70 in all): pruning window [5, 40], warm-up 5, events at 13, 22, 31, 40, mask-decay
 windows 8-12, 17-21, 26-30, 35-39 (mask step 0.25, so masks are fractional inside a window), distillation from step
-14 to 60 with teacher refreshes at the window starts 8, 17, 26, 35, then fine-tuning at 0.1x learning rate.
+14 to 60 with teacher refreshes at the window starts 8, 17, 26, 35 (the teacher moves into its own copy of the model
+at the last event, 40), then fine-tuning at 0.1x learning rate.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ CASES = {
     "after_event": 13,  # first event: blocks zero-masked but held (distillation), ranks grown, teacher taken at 8
     "window_in_distill": 19,  # fractional masks on a model pruned physically at the refresh of step 17
     "distill": 33,  # after the third event (held), teacher refreshed at 26 on the physically pruned model
+    "after_last_event": 45,  # teacher detached into its own copy at the last event (40), student pruned physically
     "after_distill": 62,  # inside the fresh post-distillation LR schedule (0.1x peak) that starts after step 60
 }
 
@@ -136,13 +138,14 @@ def ranks(model) -> dict[str, int]:
 
 
 def train(make_model, out, trainer_cls=apt_hf.APTTrainer, save_at=(), record_at=(), resume=None, callbacks=(),
-          **arg_kw):
+          eval_data=None, **arg_kw):
     """Train a fresh model; returns (trainer, model, recorder)."""
     pm = make_model()
     args = make_args(out, **arg_kw)
     lm = getattr(pm.peft_config["default"], "task_type", None) == "CAUSAL_LM"
     cbs = [SaveAt(save_at)] if save_at else []
-    tr = trainer_cls(model=pm, args=args, train_dataset=TokenTask(lm=lm), callbacks=cbs + list(callbacks))
+    tr = trainer_cls(model=pm, args=args, train_dataset=TokenTask(lm=lm), callbacks=cbs + list(callbacks),
+                     eval_dataset=eval_data)
     rec = Recorder(tr, record_at)
     tr.add_callback(rec)  # after APTCallback / DistillCallback
     tr.train(resume_from_checkpoint=resume)
@@ -288,8 +291,29 @@ def test_resume_is_exact(case, reference, checkpoints, tmp_path):
         assert_same_tensors(at["teacher"], begin["teacher"], "restored teacher vs saved run")
     if DISTILL[0] <= step < DISTILL[1]:
         assert begin["teacher"], "a run resumed during distillation must have its teacher back"
+    elif step >= DISTILL[1]:
+        assert not begin["teacher"], "the teacher is released when distillation ends"
+    if EVENTS[-1] <= step < DISTILL[1]:  # the detached teacher is rebuilt with the structure it had
+        assert teacher_file["teacher_structure"] and tr.distiller.teacher.model is None  # released at distill_end
+        student_kept = sum(len(v) for k, v in saved.items() if ".apt_masks.kept_" in k)
+        assert student_kept < sum(len(v) for v in teacher_file["teacher_structure"].values())
 
     assert_same_run(ref_final, final_state(tr, pm))
+
+
+def test_resume_keeps_the_best_post_pruning_student(tmp_path):
+    """Spec F.2 step 3 across a restart: a checkpoint between the last pruning event (40) and distill_end (60)
+    carries the best student evaluated so far (on eval loss here), and the resumed run reloads the same one."""
+    kw = dict(eval_data=torch.utils.data.Subset(TokenTask(), range(48)), eval_strategy="steps", eval_steps=3)
+    ref_tr, ref_pm, _ = train(bert_model, tmp_path / "ref", **kw)
+    ck_tr, ck_pm, _ = train(bert_model, tmp_path / "ckpt", save_at=[50], **kw)
+    assert_same_run(final_state(ref_tr, ref_pm), final_state(ck_tr, ck_pm))
+    saved = training_state(tmp_path / "ckpt" / "checkpoint-50")["distillation"]
+    assert saved["best_student"] and EVENTS[-1] <= saved["best_student_step"] <= 50
+    assert saved["teacher_structure"]  # the teacher was detached at the last event
+    tr, pm, _ = train(bert_model, tmp_path / "resumed", resume=str(tmp_path / "ckpt" / "checkpoint-50"), **kw)
+    assert tr.distiller.best_student_step == ref_tr.distiller.best_student_step
+    assert_same_run(final_state(ref_tr, ref_pm), final_state(tr, pm))
 
 
 def test_resume_true_picks_last_checkpoint(reference, checkpoints, tmp_path):

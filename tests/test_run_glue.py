@@ -197,6 +197,17 @@ def test_apt_options_left_out_take_aptconfig_defaults(run_glue):
     assert (changed.pruning_end, changed.distillation, changed.num_pruning_events) == (300, False, 3)
 
 
+@pytest.mark.parametrize("task, given, want", [
+    ("sst2", None, "accuracy"), ("mrpc", None, "f1"), ("cola", None, "matthews_correlation"),
+    ("stsb", None, "pearson"), ("rte", "loss", "loss"),  # an explicit choice is kept
+])
+def test_teacher_selection_defaults_to_the_task_metric(run_glue, tmp_path, task, given, want):
+    """Spec F.1: teacher refreshes (and the best-student reload) are judged on the task's dev metric, not the loss."""
+    args = run_glue.TrainingArguments(str(tmp_path), metric_for_best_model=given)
+    run_glue.select_on_task_metric(args, run_glue.get_task_spec(task).main_metric)
+    assert args.metric_for_best_model == want and args.greater_is_better is (want != "loss")
+
+
 @needs_real_data
 def test_bad_schedule_value(run_glue, monkeypatch, capsys, tmp_path):
     err = fail_before_training(run_glue, monkeypatch, capsys, [*TINY_RUN, "--output_dir", str(tmp_path),

@@ -23,9 +23,10 @@ event (see :mod:`apt_hf.distributed`); FSDP, DeepSpeed and other setups are refu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from transformers import TrainerCallback
@@ -38,7 +39,7 @@ from .optim import apply_param_changes, drop_params
 from .prune import kept_after
 from .salience import ImportanceTracker, SalienceCollector
 from .schedule import Plan, adapter_budget, mask_step, resolve_plan
-from .search import fill_budget, search_kept
+from .search import fill_budget, search_kept, swap_to_budget
 from .tuning import adapter_size, grow_ranks, live_widths, plan_rank_growth
 
 logger = logging.getLogger(__name__)
@@ -227,6 +228,23 @@ class APTCallback(TrainerCallback):
             control.should_log = True
         return control
 
+    @contextlib.contextmanager
+    def salience_paused(self) -> Iterator[None]:
+        """Salience hooks removed inside the block (e.g. while the model is deep-copied), re-attached after."""
+        attached = self.collector is not None and bool(self.collector._handles)
+        if attached:
+            self.collector.detach()
+        try:
+            yield
+        finally:
+            if attached:
+                self.collector.attach(self.apt.layout)
+
+    def masks_binary(self) -> bool:
+        """Whether every mask is exactly 0 or 1 (outside a mask-decay window)."""
+        m = self.apt.masks
+        return all(bool(((t == 0) | (t == 1)).all()) for t in [*m.heads, *m.neurons, m.hidden])
+
     def _density(self) -> float:
         return self.apt.count_params() / self.apt.n_params
 
@@ -246,14 +264,16 @@ class APTCallback(TrainerCallback):
         keep_h, keep_n, keep_d = search_kept(s_heads, s_neurons, s_hidden, cm.count,
                                              head_cost, neuron_cost, hidden_cost, budget,
                                              head_groups=[s.group_size for s in layout.attentions])
-        if hard:
-            densities = ([s / c for s, c in zip(s_heads, head_cost)],
-                         [s / c for s, c in zip(s_neurons, neuron_cost)], s_hidden / hidden_cost)
-            keep_h, keep_n, keep_d = fill_budget(cm, (keep_h, keep_n, keep_d), densities, budget)
         if self.held is not None:
             keep_h = [k & a for k, a in zip(keep_h, alive_h)]
             keep_n = [k & a for k, a in zip(keep_n, alive_n)]
             keep_d = keep_d & alive_d
+        if hard:  # the count lands within 1 % below the budget where the blocks allow it (beyond spec D.1)
+            densities = ([s / c for s, c in zip(s_heads, head_cost)],
+                         [s / c for s, c in zip(s_neurons, neuron_cost)], s_hidden / hidden_cost)
+            allowed = self.held
+            kept = fill_budget(cm, (keep_h, keep_n, keep_d), densities, budget, allowed)
+            keep_h, keep_n, keep_d = swap_to_budget(cm, kept, densities, budget, allowed=allowed)
         with torch.no_grad():
             for i, keep in enumerate(keep_h):
                 masks.heads[i] = mask_step(masks.heads[i], keep.to(masks.heads[i].device), self.config.mask_decay, hard)

@@ -169,6 +169,16 @@ def check_resumable(folder: str) -> None:
                               "salience and teacher cannot be resumed.")
 
 
+def read_training_state(folder: str) -> Optional[dict[str, Any]]:
+    """The APT training state saved in ``folder``'s adapter file, read without loading the weights (``None`` if
+    the file holds none)."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, ADAPTER_FILE), framework="pt") as f:
+        ours = {k: f.get_tensor(k) for k in f.keys() if _is_ours(k)}
+    return decode(ours) if ours else None
+
+
 def last_resumable_checkpoint(output_dir: str, logger=None) -> str:
     """The newest complete ``checkpoint-<step>`` in ``output_dir``; newer incomplete ones are skipped, saying why."""
     steps = []

@@ -38,6 +38,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "t5": ["q", "v", "wi_0", "wi"],
 }
 
+TEACHER_REFRESH = ("window", "eval", "never", "latest")  # see APTConfig.teacher_refresh
 _INT_FIELDS = ("r", "num_pruning_events", "mask_decay_window", "max_rank", "distill_num_layers", "transform_rank")
 _REAL_FIELDS = ("lora_alpha", "lora_dropout", "target_sparsity", "pruning_start", "pruning_end", "sparsity_warmup",
                 "mask_decay", "salience_beta", "tuning_budget_ratio", "distill_end", "distill_temperature",
@@ -111,6 +112,12 @@ class APTConfig(PeftConfig):
         transform_rank: LoRA rank of the layer transformation ``Tr`` (identity + LoRA, spec F.4: 8).
         post_distill_lr_ratio: peak learning-rate factor of the task-loss fine-tuning after distillation, which gets
             a fresh schedule: 6 % warm-up, then linear decay to the end of training (spec F.2: 0.1).
+        teacher_refresh: when the teacher snapshot is replaced by the current student. ``"window"`` (spec F.1): at
+            the start of each mask-decay window of a real event, if the dev metric beats the teacher's. Beyond the
+            spec: ``"eval"`` also at any other evaluation during distillation (masks at 0/1) that beats it, so the
+            teacher is always the best model evaluated so far; ``"never"``: the first teacher (the dense model at
+            the first window) is kept; ``"latest"``: at every window start, whatever the metric (what runs without
+            evaluation data do).
     """
 
     r: int = field(default=8, metadata={"help": "Initial adapter rank."})
@@ -151,6 +158,8 @@ class APTConfig(PeftConfig):
     distill_num_layers: int = field(default=4, metadata={"help": "Teacher layers drawn per step, one per block."})
     transform_rank: int = field(default=8, metadata={"help": "Rank of the layer transformation Tr's LoRA."})
     post_distill_lr_ratio: float = field(default=0.1, metadata={"help": "LR factor after distillation (F.2)."})
+    teacher_refresh: str = field(default="window", metadata={"help": "When the teacher is refreshed: window (spec "
+                                                                      "F.1), eval, never or latest."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -216,6 +225,8 @@ class APTConfig(PeftConfig):
         if self.distill_end is not None and (self.distill_end < 0 or (
                 isinstance(self.distill_end, float) and self.distill_end > 1.0)):
             raise bad("distill_end", self.distill_end, "use a step count (int) or a fraction of training (float <= 1)")
+        if self.teacher_refresh not in TEACHER_REFRESH:
+            raise bad("teacher_refresh", self.teacher_refresh, f"use one of {', '.join(TEACHER_REFRESH)}")
         if self.tuning_budget_ratio < 1.0:
             raise bad("tuning_budget_ratio", self.tuning_budget_ratio, "use a ratio >= 1 (the spec uses 4.0)")
 

@@ -78,10 +78,17 @@ def _rms_normalize(h: torch.Tensor) -> torch.Tensor:
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-def alive_layers(layout: Layout) -> dict[str, list[bool]]:
-    """Per stack, whether each layer still has heads in every attention and neurons in its FFN (spec F.3)."""
-    att = [s.num_heads > 0 for s in layout.attentions]
-    ffn = [f.num_neurons > 0 for f in layout.ffns]
+def alive_layers(layout: Layout, masks: Optional[APTMasks] = None) -> dict[str, list[bool]]:
+    """Per stack, whether each layer still has heads in every attention and neurons in its FFN (spec F.3).
+
+    With ``masks``, a block counts only if its mask is > 0, so a layer whose blocks are all zero-masked but still
+    physically present (held back during distillation) is not alive."""
+    if masks is None:
+        att = [s.num_heads > 0 for s in layout.attentions]
+        ffn = [f.num_neurons > 0 for f in layout.ffns]
+    else:
+        att = [bool((m > 0).any()) for m in masks.heads]
+        ffn = [bool((m > 0).any()) for m in masks.neurons]
     if layout.family != "t5":
         return {"main": [a and f for a, f in zip(att, ffn)]}
     n_dec = (len(att) - len(ffn)) if len(att) > len(ffn) else 0  # each decoder block has one extra (cross) site
@@ -100,22 +107,35 @@ def make_transform(hidden: int, rank: int, scaling: float, device=None, dtype=No
     return APTLinear(base, "default", r=rank, scaling=scaling)
 
 
-# ---------------------------------------------------------------------------------------------- teacher
-class Teacher:
-    """A frozen snapshot of the trainable tensors of a model that shares its frozen backbone (spec F.1)."""
+# ---------------------------------------------------------------------------------------------- snapshots
+class ParamSnapshot:
+    """Frozen copies of a set of parameters (by identity), carried across physical pruning (spec F.1, F.2)."""
 
     def __init__(self) -> None:
         self.snapshot: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
-        self.refreshes = 0
 
     @property
     def ready(self) -> bool:
         return bool(self.snapshot)
 
-    def refresh(self, params: Sequence[nn.Parameter]) -> None:
-        """Copy the current values of ``params`` (the trainable tensors) as the new teacher."""
+    def take(self, params: Sequence[nn.Parameter]) -> None:
+        """Copy the current values of ``params``."""
         self.snapshot = {id(p): (p, p.detach().clone()) for p in params}
-        self.refreshes += 1
+
+    def clear(self) -> None:
+        self.snapshot = {}
+
+    def restore(self) -> list[nn.Parameter]:
+        """Copy the saved values back into their parameters (same shapes required); returns those parameters."""
+        restored = []
+        with torch.no_grad():
+            for param, value in self.snapshot.values():
+                if param.shape != value.shape:
+                    raise RuntimeError(f"cannot restore a snapshot of shape {tuple(value.shape)} into a parameter of "
+                                       f"shape {tuple(param.shape)}: the structure changed since it was taken.")
+                param.copy_(value)
+                restored.append(param)
+        return restored
 
     def follow(self, changes: Sequence[ParamChange]) -> None:
         """Carry the snapshot across physical pruning: slice dims that were selected; ignore rank growth."""
@@ -130,6 +150,105 @@ class Teacher:
                 if value.shape[dim] == change.old.shape[dim] and change.new.shape[dim] == len(index):
                     value = value.index_select(dim, index.to(value.device))
             self.snapshot[id(change.new)] = (change.new, value)
+
+    def state_dict(self, names: dict[int, str]) -> dict[str, torch.Tensor]:
+        return {names[i]: v for i, (_, v) in self.snapshot.items() if i in names}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> None:
+        """Load a saved snapshot by parameter name; names or shapes this model cannot hold are refused."""
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise ValueError(f"The saved distillation snapshot has tensors for {unknown[:5]} (and {len(unknown)} in "
+                             "all) that this model does not have; it was saved from another model.")
+        for n, v in state.items():
+            if v.dim() != params[n].dim() or any(a > b for a, b in zip(v.shape, params[n].shape)):
+                raise ValueError(f"The saved distillation snapshot's {n} has shape {tuple(v.shape)}, larger than this "
+                                 f"model's {tuple(params[n].shape)} (a snapshot may only lag behind in rank); it was "
+                                 "saved from another model.")
+        self.snapshot = {id(params[n]): (params[n], v.to(params[n].device)) for n, v in state.items()}
+
+
+class Teacher(ParamSnapshot):
+    """The self-distillation teacher (spec F.1): a frozen snapshot of the trainable tensors of a model that shares
+    its frozen backbone, or, once detached, a frozen mask-free copy of the model with that snapshot in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refreshes = 0
+        self.model: Optional[nn.Module] = None  # the detached copy
+        self.names: list[str] = []  # its parameters that hold the snapshot (trainable in the student)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.snapshot) or self.model is not None
+
+    def refresh(self, params: Sequence[nn.Parameter]) -> None:
+        """Copy the current values of ``params`` (the trainable tensors) as the new teacher."""
+        self.model, self.names = None, []
+        self.take(params)
+        self.refreshes += 1
+
+    def detach(self, copy: nn.Module, names: dict[int, str]) -> None:
+        """Move the teacher into ``copy``: a mask-free deep copy of the model (see ``APTModel.mask_free_copy``) taken
+        while it still holds every block the teacher was snapshotted with. The snapshot goes into the copy's
+        parameters, which are frozen; the student may then drop the blocks only the teacher needed."""
+        params = dict(copy.named_parameters())
+        self.names = [names[i] for i in self.snapshot]
+        for i, (_, value) in self.snapshot.items():
+            params[names[i]].data = value
+        self.model = copy.requires_grad_(False).eval()
+        self.snapshot = {}
+
+    def release(self) -> None:
+        """Drop the teacher (end of distillation)."""
+        self.model, self.names, self.snapshot = None, [], {}
+
+    def state_dict(self, names: dict[int, str]) -> dict[str, torch.Tensor]:
+        if self.model is None:
+            return super().state_dict(names)
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach() for n in self.names}
+
+    def structure(self) -> Optional[dict[str, torch.Tensor]]:
+        """The detached copy's record of kept original positions (``kept_*`` mask buffers); ``None`` if attached."""
+        from .model import find_apt_model  # (model.py imports this module)
+
+        if self.model is None:
+            return None
+        return {k: v.clone() for k, v in find_apt_model(self.model).masks.state_dict().items() if k.startswith("kept_")}
+
+    def rebuild(self, root: nn.Module, structure: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+        """Re-create a detached teacher when training resumes: copy ``root`` (still the unpruned model), prune the
+        copy to ``structure`` and load the teacher's tensors ``values`` (by parameter name)."""
+        from .model import find_apt_model
+
+        copy = find_apt_model(root).mask_free_copy(root)
+        copy_apt = find_apt_model(copy)
+        try:
+            copy_apt.restore_structure({f"apt_masks.{k}": v for k, v in structure.items()})
+        except ValueError as err:
+            raise ValueError(f"Cannot rebuild the detached distillation teacher: {err} Resume from a fresh "
+                             "(unpruned) base model with the APT adapter added, as apt_hf.APTTrainer "
+                             "expects.") from None
+        params = dict(copy.named_parameters())
+        self.names = list(values)
+        for name, value in values.items():
+            params[name].data = value.to(params[name].device, params[name].dtype)
+        self.model = copy.requires_grad_(False).eval()
+        self.snapshot = {}
+
+    def outputs(self, model: nn.Module, masks: APTMasks, inputs: dict):
+        """The teacher's forward pass on ``inputs`` (no grad, eval mode, hidden states returned)."""
+        if self.model is not None:
+            with torch.no_grad():
+                return self.model(**inputs, output_hidden_states=True)
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self.active(masks):
+                return model(**inputs, output_hidden_states=True)
+        finally:
+            model.train(was)
 
     @contextlib.contextmanager
     def active(self, masks: Optional[APTMasks] = None) -> Iterator[None]:
@@ -149,21 +268,6 @@ class Teacher:
             if masks is not None:
                 masks.bypass = previous
 
-    def state_dict(self, names: dict[int, str]) -> dict[str, torch.Tensor]:
-        return {names[i]: v for i, (_, v) in self.snapshot.items() if i in names}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> None:
-        unknown = sorted(set(state) - set(params))
-        if unknown:
-            raise ValueError(f"The saved distillation teacher has tensors for {unknown[:5]} (and {len(unknown)} in "
-                             "all) that this model does not have; it was saved from another model.")
-        for n, v in state.items():
-            if v.dim() != params[n].dim() or any(a > b for a, b in zip(v.shape, params[n].shape)):
-                raise ValueError(f"The saved distillation teacher's {n} has shape {tuple(v.shape)}, larger than this "
-                                 f"model's {tuple(params[n].shape)} (a teacher may only lag behind in rank); it was "
-                                 "saved from another model.")
-        self.snapshot = {id(params[n]): (params[n], v.to(params[n].device)) for n, v in state.items()}
-
 
 def default_pred_weight(task: str) -> float:
     """``a_pred`` per task family (spec F.3): 1.0 for classification/QA, 0.1 for seq2seq and causal LMs."""
@@ -171,5 +275,6 @@ def default_pred_weight(task: str) -> float:
     return 0.1 if task in ("SEQ_2_SEQ_LM", "CAUSAL_LM") else 1.0
 
 
-__all__ = ["Teacher", "alive_layers", "default_pred_weight", "layer_candidates", "layer_loss", "make_transform",
+__all__ = ["ParamSnapshot", "Teacher", "alive_layers", "default_pred_weight", "layer_candidates", "layer_loss",
+           "make_transform",
            "prediction_loss", "sample_teacher_layers"]

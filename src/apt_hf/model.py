@@ -209,15 +209,21 @@ class APTModel(BaseTuner):
     def attach_masking(self) -> None:
         self._mask_handles = install_mask_hooks(self.layout, self.masks)
 
+    def mask_free_copy(self, root: Optional[nn.Module] = None) -> nn.Module:
+        """A deep copy of ``root`` (default: this tuner; e.g. the PeftModel around it) without mask hooks or masked
+        norms: it computes the physically present model as if every mask were 1."""
+        self.detach_masking()
+        try:
+            clone = copy.deepcopy(self if root is None else root)
+        finally:
+            self.attach_masking()
+        find_apt_model(clone)._mask_handles = []
+        return clone
+
     def binarized_export_copy(self) -> nn.Module:
         """A merged, physically pruned, mask-free deep copy of the transformers model (spec G, K.9)."""
         self._check_binary_hidden()
-        self.detach_masking()
-        try:
-            clone = copy.deepcopy(self)
-        finally:
-            self.attach_masking()
-        clone._mask_handles = []
+        clone = self.mask_free_copy()
         return clone.merge_and_unload()
 
     def _check_binary_hidden(self) -> None:

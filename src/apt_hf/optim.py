@@ -69,3 +69,15 @@ def apply_param_changes(optimizer, changes: list[ParamChange]) -> int:
             inner.state[change.new] = {k: remap_state(v, change) for k, v in state.items()}
         swapped += 1
     return swapped
+
+
+def reset_state(optimizer, params) -> int:
+    """Forget the optimizer state (Adam moments, step) of ``params``, as a rebuilt optimizer would (spec F.2);
+    returns how many parameters had state."""
+    if optimizer is None:
+        return 0
+    inner = _inner(optimizer)
+    found = [p for p in params if p in inner.state]
+    for p in found:
+        del inner.state[p]
+    return len(found)

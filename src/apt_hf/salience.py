@@ -50,8 +50,14 @@ def head_kurtosis(o_weight: torch.Tensor, mean_context: torch.Tensor, head_dim: 
 
 
 def column_kurtosis(weight: torch.Tensor, mean_input: torch.Tensor) -> torch.Tensor:
-    """Kurtosis of each column ``j`` of ``O = W[:, j] * x_bar_j`` over the output axis (neurons, dimensions)."""
+    """Kurtosis of each column ``j`` of ``O = W[:, j] * x_bar_j`` over the output axis (neurons)."""
     return excess_kurtosis((weight.float() * mean_input.float()).t())
+
+
+def row_kurtosis(weight: torch.Tensor, mean_input: torch.Tensor) -> torch.Tensor:
+    """Kurtosis of each row ``i`` of ``O = W * x_bar`` over the input axis: the hidden dimension ``i`` a residual
+    writer (attention output or FFN down projection) writes to (spec C.2)."""
+    return excess_kurtosis(weight.float() * mean_input.float())
 
 
 # ---------------------------------------------------------------------------------------------- collector
@@ -139,17 +145,23 @@ class SalienceCollector:
         bucket[i] = score if bucket[i] is None else bucket[i] + score
 
     # -- per optimizer step
-    def _kurtosis_terms(self) -> tuple[list[Optional[torch.Tensor]], list[Optional[torch.Tensor]]]:
-        heads, neurons = [], []
+    def _kurtosis_terms(self) -> tuple[list[Optional[torch.Tensor]], list[Optional[torch.Tensor]], torch.Tensor]:
+        """Outlier terms of heads, neurons and hidden dimensions; a dimension's is summed over the attention-output
+        and FFN-down projections of every layer (spec C.1, C.2, K.3)."""
+        heads, neurons, hidden = [], [], torch.zeros_like(self.ema_hidden)
         with torch.no_grad():
             for site, mean in zip(self.layout.attentions, self.mean_context):
+                w = base_linear(site.o).weight
                 heads.append(None if mean is None else outlier_term(
-                    head_kurtosis(base_linear(site.o).weight, mean.to(base_linear(site.o).weight.device),
-                                  site.head_dim)).cpu())
+                    head_kurtosis(w, mean.to(w.device), site.head_dim)).cpu())
+                if mean is not None:
+                    hidden += outlier_term(row_kurtosis(w, mean.to(w.device))).cpu()
             for site, mean in zip(self.layout.ffns, self.mean_inter):
                 w = base_linear(site.down).weight
                 neurons.append(None if mean is None else outlier_term(column_kurtosis(w, mean.to(w.device))).cpu())
-        return heads, neurons
+                if mean is not None:
+                    hidden += outlier_term(row_kurtosis(w, mean.to(w.device))).cpu()
+        return heads, neurons, hidden
 
     def _reduce_over_processes(self) -> None:
         """Replace this step's scores (and kurtosis mean activations) by their mean over processes (one collective;
@@ -185,8 +197,8 @@ class SalienceCollector:
         if not all(bool(torch.isfinite(t).all()) for t in parts):
             self._reset_step()
             return False
-        k_heads, k_neurons = self._kurtosis_terms() if self.use_kurtosis else ([None] * len(self.step_heads),
-                                                                              [None] * len(self.step_neurons))
+        k_heads, k_neurons, k_hidden = self._kurtosis_terms() if self.use_kurtosis else (
+            [None] * len(self.step_heads), [None] * len(self.step_neurons), 0)
         for i, s in enumerate(self.step_heads):
             if s is not None and s.shape == self.ema_heads[i].shape:
                 self.ema_heads[i] = ema(self.ema_heads[i], s + (k_heads[i] if k_heads[i] is not None else 0), self.beta)
@@ -195,7 +207,7 @@ class SalienceCollector:
                 self.ema_neurons[i] = ema(self.ema_neurons[i], s + (k_neurons[i] if k_neurons[i] is not None else 0),
                                           self.beta)
         if self.step_hidden is not None and self.step_hidden.shape == self.ema_hidden.shape:
-            self.ema_hidden = ema(self.ema_hidden, self.step_hidden, self.beta)
+            self.ema_hidden = ema(self.ema_hidden, self.step_hidden + k_hidden, self.beta)
         self._reset_step()
         return True
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["search_kept", "CountFn"]
+__all__ = ["search_kept", "fill_budget", "swap_to_budget", "CountFn"]
 
 CountFn = Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], float]
 
@@ -239,6 +239,7 @@ def fill_budget(
     kept: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor],
     densities: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor],
     budget: float,
+    allowed: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Add blocks beyond the searched prefix, in density order, while they still fit the budget (beyond spec D.1).
 
@@ -247,7 +248,8 @@ def fill_budget(
     remaining blocks by descending density and keeps every one whose exact extra cost (``count_model``'s B.3
     terms, updated incrementally) still fits. In grouped-query layers the unit is a *row*: one more query head in
     every surviving key/value group (its best remaining head), so the group rule keeps holding; rows of a layer
-    are taken in order. The result never exceeds ``budget``.
+    are taken in order. Blocks not in ``allowed`` (e.g. held back while distilling) are never added. The result
+    never exceeds ``budget``.
 
     Raises:
         ValueError: on NaN/inf densities (naming the block type) or a NaN budget.
@@ -261,15 +263,20 @@ def fill_budget(
         raise ValueError("fill_budget: budget is NaN; pass rho_t * n_params of the original model.")
     cm = count_model
     heads, neurons, hidden = [h.clone() for h in kept[0]], [n.clone() for n in kept[1]], kept[2].clone()
+    if allowed is not None:  # a block that may not be added counts as kept for the candidate lists below
+        taken = ([h | ~a for h, a in zip(heads, allowed[0])], [n | ~a for n, a in zip(neurons, allowed[1])],
+                 hidden | ~allowed[2])
+    else:
+        taken = (heads, neurons, hidden)
     d = int(hidden.sum())
     total = cm.count(heads, neurons, hidden)
     per_dim = float(cm.hidden_cost(heads, neurons))
     candidates: list[tuple[float, str, int, int]] = []
     rows: dict[tuple[int, int], list[int]] = {}
-    for l, (k, dens) in enumerate(zip(heads, densities[0])):
+    for l, (k, t, dens) in enumerate(zip(heads, taken[0], densities[0])):
         g = cm.group_size[l]
         if g == 1:
-            candidates += [(float(dens[j]), "h", l, j) for j in torch.nonzero(~k).flatten().tolist()]
+            candidates += [(float(dens[j]), "h", l, j) for j in torch.nonzero(~t).flatten().tolist()]
             continue
         groups = k.view(-1, g)
         alive = torch.nonzero(groups.any(1)).flatten().tolist()
@@ -277,15 +284,15 @@ def fill_budget(
             continue
         per_group = []
         for grp in alive:
-            free = torch.nonzero(~groups[grp]).flatten()
+            free = torch.nonzero(~t.view(-1, g)[grp]).flatten()
             order = free[torch.argsort(dens.view(-1, g)[grp][free], descending=True, stable=True)]
             per_group.append([grp * g + int(j) for j in order])
         for r in range(min(len(p) for p in per_group)):
             rows[(l, r)] = [p[r] for p in per_group]
             candidates.append((float(sum(float(dens[j]) for j in rows[(l, r)]) / len(rows[(l, r)])), "r", l, r))
-    for f, (k, dens) in enumerate(zip(neurons, densities[1])):
-        candidates += [(float(dens[j]), "n", f, j) for j in torch.nonzero(~k).flatten().tolist()]
-    candidates += [(float(densities[2][j]), "d", 0, j) for j in torch.nonzero(~hidden).flatten().tolist()]
+    for f, (t, dens) in enumerate(zip(taken[1], densities[1])):
+        candidates += [(float(dens[j]), "n", f, j) for j in torch.nonzero(~t).flatten().tolist()]
+    candidates += [(float(densities[2][j]), "d", 0, j) for j in torch.nonzero(~taken[2]).flatten().tolist()]
     candidates.sort(key=lambda c: -c[0])
     next_row = {l: 0 for l in range(len(heads))}
     for _, kind, l, j in candidates:
@@ -294,13 +301,8 @@ def fill_budget(
                 continue
             dh, qb, n = cm.head_dim[l], cm.qkv_bias[l], len(rows[(l, j)])
             delta, grow = n * (d * dh * 2 + qb * dh), n * dh * 2
-        elif kind == "h":
-            dh, qb = cm.head_dim[l], cm.qkv_bias[l]
-            delta, grow = d * dh * 4 + qb * dh * 3, dh * 4
-        elif kind == "n":
-            delta, grow = cm.ffn_mats[l] * d + cm.ffn_in_bias[l], cm.ffn_mats[l]
         else:
-            delta, grow = per_dim, 0
+            delta, grow = _block_cost(cm, kind, l, d, per_dim)
         if total + delta > budget:
             continue
         total += delta
@@ -315,4 +317,71 @@ def fill_budget(
         else:
             hidden[j] = True
             d += 1
+    return heads, neurons, hidden
+
+
+def _block_cost(cm, kind: str, l: int, d: int, per_dim: float) -> tuple[float, float]:
+    """Parameters of one head (of a layer without key/value sharing), neuron or hidden dimension at width ``d``, and
+    how much it adds to the cost of one hidden dimension (spec B.3, the terms of ``CountModel.count``)."""
+    if kind == "h":
+        dh, qb = cm.head_dim[l], cm.qkv_bias[l]
+        return d * dh * 4 + qb * dh * 3, dh * 4
+    if kind == "n":
+        return cm.ffn_mats[l] * d + cm.ffn_in_bias[l], cm.ffn_mats[l]
+    return per_dim, 0.0
+
+
+def swap_to_budget(
+    count_model,
+    kept: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor],
+    densities: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor],
+    budget: float,
+    tolerance: float = 0.01,
+    allowed: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None,
+    max_tries: int = 64,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Land the kept count in ``[(1 - tolerance) budget, budget]`` when a greedy fill ends lower (beyond spec D.1).
+
+    After :func:`fill_budget` nothing more fits, yet the count can still sit far below the budget when the block
+    that stopped the prefix is large (a head of a small model costs a few percent of it) and everything smaller is
+    kept already. As in the classic repair of greedy knapsack, one not-kept block (the densest first, up to
+    ``max_tries``) is taken back and the least dense kept blocks are dropped until the count fits again, skipping any
+    whose removal would fall below the lower bound; the first swap that lands in the interval is returned, otherwise
+    ``kept`` unchanged. Heads of grouped-query layers (kept by whole rows) and blocks not in ``allowed`` (e.g. held
+    back while distilling) are never touched. The result never exceeds ``budget``.
+    """
+    cm = count_model
+    heads, neurons, hidden = [h.clone() for h in kept[0]], [n.clone() for n in kept[1]], kept[2].clone()
+    total = cm.count(heads, neurons, hidden)
+    lower = (1.0 - tolerance) * budget
+    if total >= lower or total > budget:
+        return heads, neurons, hidden
+    ok = allowed or ([torch.ones_like(h) for h in heads], [torch.ones_like(n) for n in neurons],
+                     torch.ones_like(hidden))
+    blocks: list[tuple[float, str, int, int, bool]] = []  # density, kind, layer, index, kept
+    for l, (k, a, dens) in enumerate(zip(heads, ok[0], densities[0])):
+        if cm.group_size[l] == 1:
+            blocks += [(float(dens[j]), "h", l, j, bool(k[j])) for j in torch.nonzero(a).flatten().tolist()]
+    for l, (k, a, dens) in enumerate(zip(neurons, ok[1], densities[1])):
+        blocks += [(float(dens[j]), "n", l, j, bool(k[j])) for j in torch.nonzero(a).flatten().tolist()]
+    blocks += [(float(densities[2][j]), "d", 0, j, bool(hidden[j])) for j in torch.nonzero(ok[2]).flatten().tolist()]
+    out_blocks = sorted((b for b in blocks if not b[4]), key=lambda b: -b[0])[:max_tries]
+    in_blocks = sorted((b for b in blocks if b[4]), key=lambda b: b[0])
+    d0, per_dim0 = int(hidden.sum()), float(cm.hidden_cost(heads, neurons))
+    for _, kind, l, j, _ in out_blocks:
+        cost, grow = _block_cost(cm, kind, l, d0, per_dim0)
+        t, per_dim, d = total + cost, per_dim0 + grow, d0 + (kind == "d")
+        dropped = []
+        for blk in in_blocks:
+            if t <= budget:
+                break
+            c, g = _block_cost(cm, blk[1], blk[2], d, per_dim)
+            if t - c >= lower:
+                t, per_dim, d = t - c, per_dim - g, d - (blk[1] == "d")
+                dropped.append(blk)
+        if lower <= t <= budget:
+            for blk, value in [((None, kind, l, j), True)] + [(b, False) for b in dropped]:
+                target = heads[blk[2]] if blk[1] == "h" else neurons[blk[2]] if blk[1] == "n" else hidden
+                target[blk[3]] = value
+            return heads, neurons, hidden
     return heads, neurons, hidden

@@ -2,9 +2,11 @@
 
 Phases (spec F.2), all in optimizer steps: plain tuning -> distillation from the step after the first event whose
 target density is < 1 until ``distill_end`` (``L = mu L_distill + (1 - mu) L_task``, mu linear over the pruning
-window, spec F.3) -> task-loss fine-tuning of the pruned model with a fresh schedule (spec F.2: 6 % warm-up, then
-linear decay) peaking at ``post_distill_lr_ratio`` x the learning rate, on the same optimizer. ``Trainer.train()``
-is not altered.
+window, spec F.3) -> at ``distill_end``, with evaluation data, the best student evaluated after the last pruning
+event is reloaded (its trainable tensors: adapters, task head, ``Tr``; the backbone is frozen), and the optimizer
+state is reset -> task-loss fine-tuning of the pruned model with a fresh schedule (spec F.2: 6 % warm-up, then linear
+decay) peaking at ``post_distill_lr_ratio`` x the learning rate, on the same optimizer. ``Trainer.train()`` is not
+altered.
 
 Under DistributedDataParallel, ``APTTrainer`` hands the callback a ``rebuild_wrapper`` that re-initialises the
 Trainer's DDP wrapper in place after every event that replaced parameters (see :mod:`apt_hf.distributed`).
@@ -20,13 +22,26 @@ from transformers import Trainer, TrainerCallback
 
 from . import checkpoint, distributed
 from .callback import APTCallback, is_training_log
-from .distill import (Teacher, alive_layers, default_pred_weight, layer_loss, prediction_loss,
+from .distill import (ParamSnapshot, Teacher, alive_layers, default_pred_weight, layer_loss, prediction_loss,
                       sample_teacher_layers)
 from .model import APTModel, find_apt_model
+from .optim import reset_state
 from .schedule import distill_mu, post_distill_lr_factor
 
 logger = logging.getLogger(__name__)
 STATE_NAME = "distillation"  # this callback's entry in the checkpoint's APT training state (apt_hf.checkpoint)
+
+
+def improves(value: float, loss: Optional[float], best: Optional[float], best_loss: Optional[float],
+             greater: bool) -> bool:
+    """Whether an evaluation beats the record ``best`` (spec F.1: a teacher refresh needs a better dev metric).
+
+    Beyond the spec, an exact tie is broken by the eval loss: accuracy, F1 or Matthews correlation stay flat while a
+    young model predicts the majority class, and with ties refused such a run would distil from that first teacher
+    to the end."""
+    if best is None or (value > best if greater else value < best):
+        return True
+    return value == best and None not in (loss, best_loss) and loss < best_loss
 
 
 def _unwrap(obj, attr: str):
@@ -36,20 +51,27 @@ def _unwrap(obj, attr: str):
 
 
 class DistillCallback(TrainerCallback):
-    """Distillation phases, teacher refreshes (spec F.1) and the post-distillation learning-rate drop (F.2).
+    """Distillation phases, teacher refreshes (spec F.1), the reload of the best pruned student at the end of
+    distillation and the post-distillation learning-rate schedule (F.2).
 
-    The teacher snapshot and the refresh bookkeeping are saved inside every checkpoint's adapter file while
+    The teacher snapshot, the best post-pruning student and the refresh bookkeeping are saved inside every checkpoint's adapter file while
     distillation runs (:mod:`apt_hf.checkpoint`); after ``distill_end`` no teacher is saved or needed."""
 
     def __init__(self, apt_callback: APTCallback, has_eval: bool) -> None:
         self.apt_callback = apt_callback
         self.teacher = Teacher()
         self.enabled = False
-        self.start = self.end = 0
+        self.start = self.end = self.last_event = 0
         self.refresh_steps: set[int] = set()
         self.best: Optional[float] = None
         self.best_loss: Optional[float] = None  # eval loss of the current teacher, for ties of the metric
+        # Spec F.2 step 3: the best student evaluated after the last pruning event, reloaded at distill_end.
+        self.best_student = ParamSnapshot()
+        self.best_student_metric: Optional[float] = None
+        self.best_student_loss: Optional[float] = None
+        self.best_student_step: Optional[int] = None
         self._awaiting_eval = False
+        self._awaiting_final = False
         self._has_eval = has_eval
         self.model = None
 
@@ -67,12 +89,21 @@ class DistillCallback(TrainerCallback):
         self.start, self.end = plan.distill_start, plan.distill_end
         real = [k for k, e in enumerate(plan.events) if plan.target(e) < 1]
         self.refresh_steps = {plan.windows[k] for k in real if plan.windows[k] < self.end}
+        if cfg.teacher_refresh == "never":  # only the first teacher is taken
+            self.refresh_steps = {min(self.refresh_steps, default=self.start - 1)}
+        self.last_event = plan.events[-1]
         self._has_eval = self._has_eval and args.eval_strategy != "no"
         if not self._has_eval:
-            logger.warning("APT distillation without evaluation: the teacher is refreshed at the start of every mask-decay "
-                           "window whose target is < 1 (the latest model), instead of only when the dev metric improves.")
-        if self.teacher.follow not in self.apt_callback.change_listeners:
-            self.apt_callback.change_listeners.append(self.teacher.follow)
+            logger.warning("APT distillation without evaluation: the teacher is refreshed at the start of every "
+                           "mask-decay window whose target is < 1 (the latest model), instead of only when the dev "
+                           "metric improves, and no best checkpoint is reloaded at distill_end.")
+        elif args.metric_for_best_model is None:
+            logger.warning("APT distillation: TrainingArguments.metric_for_best_model is unset, so teacher refreshes "
+                           "and the best-checkpoint reload are judged on the eval loss; spec F.1 judges on the task's "
+                           "dev metric (set metric_for_best_model, e.g. 'accuracy').")
+        for listener in (self.teacher.follow, self.best_student.follow):
+            if listener not in self.apt_callback.change_listeners:
+                self.apt_callback.change_listeners.append(listener)
         # Spec D.4.2 / D.5: while distilling, pruned blocks stay physically present (zero-masked in the student, seen
         # by the mask-bypassing teacher) until the next teacher refresh or the end of distillation, so the teacher
         # keeps the structure its adapter snapshot was trained and validated with.
@@ -92,20 +123,51 @@ class DistillCallback(TrainerCallback):
         return control
 
     def state_dict(self) -> dict[str, Any]:
-        """Teacher snapshot (only while distillation can still use it) and the refresh bookkeeping."""
+        """Teacher and best post-pruning student (only while distillation can still use them) and the bookkeeping;
+        a detached teacher also records its structure, so that resuming can rebuild it."""
         names = {id(p): n for n, p in self.model.named_parameters()}
-        teacher = self.teacher.state_dict(names) if self.apt_callback.step < self.end else {}
-        return {"teacher": teacher, "best": self.best, "best_loss": self.best_loss,
-                "refreshes": self.teacher.refreshes}
+        during = self.apt_callback.step < self.end
+        state = {"teacher": self.teacher.state_dict(names) if during else {}, "best": self.best,
+                 "best_loss": self.best_loss, "refreshes": self.teacher.refreshes,
+                 "best_student": self.best_student.state_dict(names) if self.apt_callback.step <= self.end else {},
+                 "best_student_metric": self.best_student_metric, "best_student_loss": self.best_student_loss,
+                 "best_student_step": self.best_student_step}
+        if during and self.teacher.model is not None:
+            state["teacher_structure"] = self.teacher.structure()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["teacher"]:
-            self.teacher.load_state_dict(state["teacher"], dict(self.model.named_parameters()))
+        params = dict(self.model.named_parameters())
+        if state["teacher"] and state.get("teacher_structure") is None:  # (a detached one: see prepare_resume)
+            self.teacher.load_state_dict(state["teacher"], params)
         self.best, self.teacher.refreshes = state["best"], state["refreshes"]
         self.best_loss = state.get("best_loss")
+        self.best_student.load_state_dict(state.get("best_student", {}), params)
+        self.best_student_metric = state.get("best_student_metric")
+        self.best_student_loss = state.get("best_student_loss")
+        self.best_student_step = state.get("best_student_step")
+
+    def prepare_resume(self, saved: Optional[dict[str, Any]], model) -> None:
+        """Before the checkpoint's weights are loaded (the model is still unpruned): re-create a teacher that had
+        been detached from the model when the checkpoint was saved."""
+        if saved and saved.get("teacher_structure") is not None:
+            self.teacher.rebuild(model, saved["teacher_structure"], saved["teacher"])
 
     def active(self, step: int) -> bool:
         return self.enabled and self.teacher.ready and self.start <= step < self.end
+
+    def _detach_teacher(self, model, optimizer) -> None:
+        """After an event with no teacher refresh left before ``distill_end`` (e.g. the last event), the teacher
+        moves into its own frozen mask-free copy of the model and the held blocks are removed from the student, so
+        the student stops computing zero-masked blocks (beyond the reference, which prunes the student virtually).
+        Costs a copy of the model as it stands (at most the teacher's density) until distillation ends."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        with self.apt_callback.salience_paused():
+            copy = self.apt.mask_free_copy(model)
+        self.teacher.detach(copy, names)
+        self.apt_callback.remove_pruned(optimizer)
+        logger.info("APT distillation: teacher detached into its own copy of the model (no refresh before "
+                    "distill_end); the held blocks are removed from the student.")
 
     def _refresh(self, model, optimizer) -> None:
         self.apt_callback.remove_pruned(optimizer)  # the new teacher is the pruned student (spec F.1)
@@ -117,14 +179,18 @@ class DistillCallback(TrainerCallback):
             return control
         step = state.global_step
         if step in self.refresh_steps:
-            if self._has_eval:
+            if self._has_eval and self.apt_callback.config.teacher_refresh != "latest":
                 control.should_evaluate, self._awaiting_eval = True, True
             else:
                 self._refresh(model, optimizer)
+        if (self.apt_callback.held is not None and step in self.apt_callback.plan.events and step < self.end
+                and not any(step < r < self.end for r in self.refresh_steps)):
+            self._detach_teacher(model, optimizer)
         if step == self.end:
-            self.apt_callback.remove_pruned(optimizer)
-            logger.info("APT distillation ended at step %d; fine-tuning with a fresh schedule at %.2fx the peak "
-                        "learning rate.", step, self.apt_callback.config.post_distill_lr_ratio)
+            if self._has_eval:  # spec F.2 step 3: evaluate, reload the best post-pruning student (on_evaluate)
+                control.should_evaluate, self._awaiting_final = True, True
+            else:
+                self._end_distillation(step, model, optimizer)
         if self.end <= step < state.max_steps:
             self._set_post_distill_lr(step + 1, state.max_steps, args, optimizer, lr_scheduler)
         return control
@@ -143,34 +209,67 @@ class DistillCallback(TrainerCallback):
         if getattr(sched, "_last_lr", None) is not None:  # what Trainer logs as the learning_rate
             sched._last_lr = [group["lr"] for group in groups]
 
+    def _end_distillation(self, step: int, model, optimizer) -> None:
+        """Spec F.2: the fine-tuning phase starts from a fresh optimizer state (the reference rebuilds the
+        optimizer) on the physically pruned model; the teacher is dropped."""
+        reset_state(optimizer, [p for p in model.parameters() if p.requires_grad])
+        self.apt_callback.remove_pruned(optimizer)
+        self.teacher.release()
+        logger.info("APT distillation ended at step %d; fine-tuning with a fresh schedule at %.2fx the peak "
+                    "learning rate.", step, self.apt_callback.config.post_distill_lr_ratio)
+
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        if not self._awaiting_eval or metrics is None:
+        if metrics is None:
             return control
-        self._awaiting_eval = False
+        optimizer = kwargs.get("optimizer")
+        anytime = (self.enabled and self.apt_callback.config.teacher_refresh == "eval"
+                   and self.active(state.global_step) and self.apt_callback.masks_binary())
+        if self._awaiting_eval or anytime:
+            self._awaiting_eval = False
+            value, loss, greater = self._judge(args, metrics)
+            if improves(value, loss, self.best, self.best_loss, greater):
+                self.best, self.best_loss = value, loss
+                self._refresh(model, optimizer)
+        if self.enabled and self.last_event <= state.global_step <= self.end:  # the model at its final density
+            value, loss, greater = self._judge(args, metrics)
+            if improves(value, loss, self.best_student_metric, self.best_student_loss, greater):
+                self.best_student.take([p for p in model.parameters() if p.requires_grad])
+                self.best_student_metric, self.best_student_loss = value, loss
+                self.best_student_step = state.global_step
+        if self._awaiting_final:
+            self._awaiting_final = False
+            self._reload_best_student()
+            self._end_distillation(state.global_step, model, optimizer)
+        return control
+
+    def _reload_best_student(self) -> None:
+        """Spec F.2 step 3: restore the best student evaluated after pruning completed (its trainable tensors; the
+        backbone is frozen)."""
+        if not self.best_student.ready:
+            return
+        self.best_student.restore()
+        logger.info("APT distillation: reloaded the best student evaluated after the last pruning event (step %d, "
+                    "metric %.4f) for the post-distillation fine-tuning.", self.best_student_step,
+                    self.best_student_metric)
+        self.best_student.clear()
+
+    @staticmethod
+    def _judge(args, metrics: dict) -> tuple[float, Optional[float], bool]:
+        """The selection metric of an evaluation (``metric_for_best_model``, else the eval loss), the eval loss and
+        whether greater is better."""
         name = args.metric_for_best_model or "loss"
         key = name if name.startswith("eval_") else f"eval_{name}"
         value = metrics.get(key)
         if value is None:
-            raise KeyError(f"APT teacher refresh needs '{key}' from evaluation; available: {sorted(metrics)}. "
+            raise KeyError(f"APT distillation needs '{key}' from evaluation; available: {sorted(metrics)}. "
                            "Set TrainingArguments.metric_for_best_model to one of them.")
         greater = args.greater_is_better if args.greater_is_better is not None else not name.endswith("loss")
-        loss = metrics.get("eval_loss")
-        if self._improves(value, loss, greater):
-            self.best, self.best_loss = value, loss
-            self._refresh(model, kwargs.get("optimizer"))
-        return control
-
-    def _improves(self, value: float, loss: Optional[float], greater: bool) -> bool:
-        """Spec F.1: a refresh needs a better dev metric than the current teacher's. Beyond the spec, an exact tie
-        is broken by the eval loss: accuracy, F1 or Matthews correlation stay flat while a young model predicts the
-        majority class, and with ties refused such a run would distil from that first teacher to the end."""
-        if self.best is None or (value > self.best if greater else value < self.best):
-            return True
-        return value == self.best and None not in (loss, self.best_loss) and loss < self.best_loss
+        return value, metrics.get("eval_loss"), greater
 
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
         if self.enabled:  # a run stopped before distill_end still ends with the pruned blocks removed
             self.apt_callback.remove_pruned(optimizer)
+            self.teacher.release()
             checkpoint.unregister(self.apt, STATE_NAME)
         return control
 
@@ -203,6 +302,9 @@ class APTTrainer(Trainer):
             logger.info("APT: resuming from %s", resume_from_checkpoint)
         elif isinstance(resume_from_checkpoint, str):
             checkpoint.check_resumable(resume_from_checkpoint)
+        if isinstance(resume_from_checkpoint, str):
+            saved = checkpoint.read_training_state(resume_from_checkpoint) or {}
+            self.distiller.prepare_resume(saved.get(STATE_NAME), self.model)
         self._keep_transform_out_of_ddp()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
@@ -256,10 +358,7 @@ class APTTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self.loss_is_scaled_for_ga = False  # a mean loss: Trainer divides by the accumulation steps
         apt, cfg, plan = self.distiller.apt, self.apt_callback.config, self.apt_callback.plan
-        model.eval()
-        with torch.no_grad(), self.distiller.teacher.active(apt.masks):
-            teacher = model(**inputs, output_hidden_states=True)
-        model.train()
+        teacher = self.distiller.teacher.outputs(model, apt.masks, inputs)
         student = model(**inputs, output_hidden_states=True)
         task = student.loss
         pred, layer = self._distill_losses(student, teacher, inputs, apt, cfg)
@@ -279,7 +378,7 @@ class APTTrainer(Trainer):
             token_mask = labels != -100 if labels is not None and labels.shape == logits_s.shape[:2] else \
                 inputs.get("attention_mask")
         pred = prediction_loss(logits_s, logits_t, cfg.distill_temperature, token_mask)
-        alive = alive_layers(apt.layout)
+        alive = alive_layers(apt.layout, apt.masks)
         transform = getattr(apt, "apt_transform", None) or torch.nn.Identity()
         if "main" in alive:
             stacks = [(student.hidden_states[1:], teacher.hidden_states[1:], alive["main"], False)]

@@ -1,0 +1,188 @@
+"""The paper-shaped GLUE benchmark (issue 13, section 3): five tasks, three seeds, resumable.
+
+SST-2 on its full training set and MRPC, RTE, STS-B and CoLA, with all-MiniLM-L6-v2 at 60 % sparsity. FT, LoRA,
+APT and APT w/o D_S run at seeds 42, 43 and 44; LoRA+Prune, APT w/o A_T and APT w/o A_P at seed 42. Every run goes
+through ``examples/run_glue.py`` in its own process (:func:`glue_benchmark.run_method`), with the same flags for
+every task except the per-task rows below (``TASKS``), and ``--train_sampling_strategy group_by_length`` (batches
+of similar lengths, so little padding is computed; the same for every method).
+
+One result file per (task, method, seed), ``benchmarks/results/suite/<task>/<method>_seed<seed>.json``; a run whose
+file exists is skipped, so an interrupted benchmark is finished by running the same command again. After every run
+the per-(task, seed) table ``benchmarks/results/glue_<task>_suite_seed<seed>.{json,csv}`` (the format of
+``glue_benchmark.py``: best dev metric after the last pruning event, final dev metric, ratio to FT, time to 97 % of
+FT, peak RSS before the export, exported-model throughput at batch 32 x 128 and 1 x 128) and its plots are
+rewritten; ``python benchmarks/make_table.py`` renders the means over seeds.
+
+    python benchmarks/glue_suite.py --estimate            # planned runs and estimated CPU time, runs nothing
+    python benchmarks/glue_suite.py                       # everything (resumable)
+    python benchmarks/glue_suite.py --tasks sst2,mrpc     # the tasks on which settings may be chosen
+    python benchmarks/glue_suite.py --tasks rte,stsb,cola # confirmation tasks, settings unchanged
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import glue_benchmark as gb
+
+ROOT = gb.ROOT
+SUITE = gb.RESULTS / "suite"
+MAIN_METHODS = ("ft", "lora", "apt", "apt_wo_DS")
+ABLATIONS = ("lora_prune", "apt_wo_AT", "apt_wo_AP")
+SEEDS = (42, 43, 44)
+ABLATION_SEED = 42
+COMMON_FLAGS = "--train_sampling_strategy group_by_length"
+
+# Per task: training rows (None: the whole training set), epochs, max tokens, evaluation interval (optimizer steps,
+# about 20 evaluations per run) and, for --estimate only, the mean padded length of a batch of 32 drawn by
+# transformers' LengthGroupedSampler (group_by_length sampling), measured on the training set with the MiniLM
+# tokenizer (random batches: SST-2 40.1, MRPC 80.1, RTE 127.9, STS-B 69.5, CoLA 23.1 tokens).
+TASKS: dict[str, dict] = {
+    "sst2": dict(train_rows=None, epochs=1.0, max_length=64, eval_steps=100, batch_tokens=14.0),
+    "mrpc": dict(train_rows=None, epochs=5.0, max_length=128, eval_steps=30, batch_tokens=55.1),
+    "rte": dict(train_rows=None, epochs=5.0, max_length=128, eval_steps=20, batch_tokens=70.2),
+    "stsb": dict(train_rows=None, epochs=3.0, max_length=128, eval_steps=27, batch_tokens=29.3),
+    "cola": dict(train_rows=None, epochs=3.0, max_length=64, eval_steps=40, batch_tokens=11.8),
+}
+TRAIN_ROWS = {"sst2": 67349, "mrpc": 3668, "rte": 2490, "stsb": 5749, "cola": 8551}
+
+# --estimate: FT's seconds per optimizer step are a line through the committed SST-2 and MRPC runs (their random
+# batches average 40.1 and 80.1 padded tokens), every method's step time relative to FT is the mean over the same
+# two files, plus a per-run overhead for loading, evaluations, export and throughput timing (their process wall
+# time minus training time, averaged).
+CALIBRATION = {"glue_sst2.json": 40.1, "glue_mrpc.json": 80.1}
+
+
+def planned_runs(tasks: list[str], seeds: tuple[int, ...] = SEEDS) -> list[tuple[str, int, str]]:
+    """(task, seed, method) in the order they run: per task, per seed, FT first (the others are scored against it)."""
+    return [(task, seed, method) for task in tasks for seed in seeds
+            for method in MAIN_METHODS + (ABLATIONS if seed == ABLATION_SEED else ())]
+
+
+def steps_of(task: str, plan: dict, batch_size: int) -> int:
+    rows = TRAIN_ROWS[task] if plan["train_rows"] is None else min(plan["train_rows"], TRAIN_ROWS[task])
+    return int(-(-rows // batch_size) * plan["epochs"])
+
+
+def calibration() -> tuple[float, float, dict[str, float], float]:
+    """(fixed s/step, s/step per padded token, step time per method relative to FT, overhead s per run) from the
+    committed benchmark files named in CALIBRATION."""
+    points, factors, overheads = [], {}, []
+    for name, tokens in CALIBRATION.items():
+        runs = json.loads((gb.RESULTS / name).read_text())["runs"]
+        per_step = {m: r["train_time_s"] / r["optimizer_steps"] for m, r in runs.items()}
+        points.append((tokens, per_step["ft"]))
+        for m, v in per_step.items():
+            factors.setdefault(m, []).append(v / per_step["ft"])
+        overheads += [r["process_wall_s"] - r["train_time_s"] for r in runs.values()]
+    (x0, y0), (x1, y1) = points
+    slope = (y1 - y0) / (x1 - x0)
+    return y0 - slope * x0, slope, {m: sum(v) / len(v) for m, v in factors.items()}, sum(overheads) / len(overheads)
+
+
+def estimate(tasks: list[str], batch_size: int) -> str:
+    fixed, per_token, factor, overhead = calibration()
+    lines = [f"FT s/step = {fixed:.3f} + {per_token:.4f} x padded tokens; step time / FT: "
+             + ", ".join(f"{m} {v:.2f}" for m, v in factor.items()) + f"; overhead {overhead:.0f} s per run", "",
+             "| task | rows x epochs | steps | FT s/step (est.) | runs | est. CPU time (h) |",
+             "|---|---|---|---|---|---|"]
+    total = 0.0
+    for task in tasks:
+        plan = TASKS[task]
+        steps = steps_of(task, plan, batch_size)
+        per_step = fixed + per_token * plan["batch_tokens"]
+        runs = [m for t, _, m in planned_runs([task])]
+        seconds = sum(steps * per_step * factor[m] + overhead for m in runs)
+        total += seconds
+        lines.append(f"| {task} | {plan['train_rows'] or TRAIN_ROWS[task]} x {plan['epochs']:g} | {steps} | "
+                     f"{per_step:.2f} | {len(runs)} | {seconds / 3600:.2f} |")
+    lines.append(f"| all | | | | {len(planned_runs(tasks))} | {total / 3600:.2f} |")
+    return "\n".join(lines)
+
+
+def run_args(task: str, seed: int, args: argparse.Namespace) -> argparse.Namespace:
+    """The ``glue_benchmark.run_method`` arguments of one run."""
+    plan = TASKS[task]
+    return argparse.Namespace(
+        task=task, glue_dir=args.glue_dir, train_rows=plan["train_rows"] or 10**9, epochs=plan["epochs"],
+        batch_size=args.batch_size, max_length=plan["max_length"], eval_steps=plan["eval_steps"], ft_lr=args.ft_lr,
+        adapter_lr=args.adapter_lr, target_sparsity=args.target_sparsity, speed_repeats=args.speed_repeats,
+        seed=seed, apt_args=args.apt_args, run_glue_args=COMMON_FLAGS, malloc_mmap_threshold=0)
+
+
+def result_path(task: str, method: str, seed: int) -> Path:
+    return SUITE / task / f"{method}_seed{seed}.json"
+
+
+def majority_share(task: str, glue_dir: str) -> float | None:
+    """Dev-set share of the most frequent class (the accuracy of a constant model); None for regression."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from apt_hf.glue import get_task_spec, load_glue_split
+
+    spec = get_task_spec(task)
+    if spec.is_regression:
+        return None
+    labels = list(load_glue_split(glue_dir, spec.name, "dev")["label"])
+    return max(labels.count(v) for v in set(labels)) / len(labels)
+
+
+def write_table(task: str, seed: int, args: argparse.Namespace) -> None:
+    """The per-(task, seed) table in glue_benchmark's format, from the result files present."""
+    runs = {}
+    for method in MAIN_METHODS + ABLATIONS:
+        path = result_path(task, method, seed)
+        if path.exists():
+            runs[method] = json.loads(path.read_text())["run"]
+    if "ft" not in runs:
+        return
+    meta = {"task": task, "command": shlex.join(["python", "benchmarks/glue_suite.py", *sys.argv[1:]]),
+            "args": {**vars(run_args(task, seed, args)), "suite": True}, "device": "CPU, 2 cores (shared machine)",
+            "metric": runs["ft"]["metric"], "majority_share": majority_share(task, args.glue_dir)}
+    gb.save(gb.RESULTS / f"glue_{task}_suite_seed{seed}", meta, runs)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    p.add_argument("--glue_dir", default=str(ROOT.parent / "shared" / "data" / "glue"))
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--ft_lr", type=float, default=5e-5)
+    p.add_argument("--adapter_lr", type=float, default=5e-4)
+    p.add_argument("--target_sparsity", type=float, default=0.6)
+    p.add_argument("--speed_repeats", type=int, default=10)
+    p.add_argument("--apt_args", default="", help="Extra run_glue.py flags for the APT methods (same on every task).")
+    p.add_argument("--out", default=str(ROOT / "runs" / "suite"), help="Working folder of the runs.")
+    p.add_argument("--estimate", action="store_true", help="Print the planned runs' estimated CPU time and exit.")
+    args = p.parse_args()
+    tasks = args.tasks.split(",")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        p.error(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    if args.estimate:
+        print(estimate(tasks, args.batch_size))
+        return
+    for task, seed, method in planned_runs(tasks, seeds):
+        path = result_path(task, method, seed)
+        if path.exists():
+            print(f"== {task} {method} seed {seed}: done ({path})", flush=True)
+            continue
+        print(f"== {task} {method} seed {seed}", flush=True)
+        out = Path(args.out) / task / f"seed{seed}"
+        out.mkdir(parents=True, exist_ok=True)
+        run = gb.run_method(method, run_args(task, seed, args), out)
+        run = {k: v for k, v in run.items() if k != "eval_metrics"}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"command": shlex.join(["python", "benchmarks/glue_suite.py", *sys.argv[1:]]), "task": task,
+                "method": method, "seed": seed, "args": vars(run_args(task, seed, args))}
+        path.write_text(json.dumps({"meta": meta, "run": run}, indent=1))
+        write_table(task, seed, args)
+
+
+if __name__ == "__main__":
+    main()

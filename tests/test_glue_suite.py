@@ -1,0 +1,97 @@
+"""The paper-shaped GLUE benchmark driver (benchmarks/glue_suite.py) and its tables (benchmarks/make_table.py):
+which runs it plans, that it resumes by skipping finished runs, and how seeds are aggregated."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def suite(tmp_path, monkeypatch):
+    module = _load("glue_suite")
+    monkeypatch.setattr(module.gb, "RESULTS", tmp_path)
+    monkeypatch.setattr(module, "SUITE", tmp_path / "suite")
+    monkeypatch.setattr(module, "majority_share", lambda task, glue_dir: 0.5)
+    return module
+
+
+def _fake_run(final: float, best: float, events=(), density: float = 1.0) -> dict:
+    history = [{"step": 10, "metric": best, "train_time_s": 10.0}, {"step": 20, "metric": final, "train_time_s": 20.0}]
+    return {"eval_history": history, "log_history": [{"step": e, "apt/event": k + 1} for k, e in enumerate(events)],
+            "best_metric": max(best, final), "metric_value": final, "metric": "accuracy", "train_time_s": 20.0,
+            "peak_rss_mb": 900.0, "kept_params": 1, "density": density, "speedup": 2.4 if density < 1 else None,
+            "speedup_b1": 2.0 if density < 1 else None, "process_wall_s": 30.0}
+
+
+def test_planned_runs(suite):
+    runs = suite.planned_runs(["sst2", "mrpc"])
+    assert len(runs) == 2 * (3 * 4 + 3)
+    for task in ("sst2", "mrpc"):
+        for seed in (42, 43, 44):
+            methods = [m for t, s, m in runs if t == task and s == seed]
+            assert methods[0] == "ft" and set(methods) >= {"ft", "lora", "apt", "apt_wo_DS"}
+            assert ({"lora_prune", "apt_wo_AT", "apt_wo_AP"} <= set(methods)) == (seed == 42)
+
+
+def test_estimate_names_every_task():
+    suite = _load("glue_suite")  # calibrated on the committed benchmark files
+    text = suite.estimate(list(suite.TASKS), 32)
+    assert all(f"| {t} |" in text for t in suite.TASKS) and "| all |" in text
+
+
+def test_resumes_by_skipping_finished_runs(suite, tmp_path, monkeypatch):
+    done = suite.result_path("mrpc", "ft", 42)
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps({"meta": {}, "run": _fake_run(0.80, 0.82)}))
+    calls = []
+
+    def fake(method, args, out):
+        calls.append((method, args.seed, args.epochs, args.run_glue_args))
+        apt = method.startswith("apt") and method != "apt_wo_AP"
+        return {**_fake_run(0.5 if method == "apt" else 0.79, 0.81, events=(5,) if apt else (),
+                            density=0.4 if apt or method == "lora_prune" else 1.0), "eval_metrics": {}}
+
+    monkeypatch.setattr(suite.gb, "run_method", fake)
+    monkeypatch.setattr(sys, "argv", ["glue_suite.py", "--tasks", "mrpc", "--seeds", "42", "--out", str(tmp_path)])
+    suite.main()
+    assert [c[0] for c in calls] == ["lora", "apt", "apt_wo_DS", "lora_prune", "apt_wo_AT", "apt_wo_AP"]
+    assert all(c[2] == suite.TASKS["mrpc"]["epochs"] for c in calls)
+    assert all("--train_sampling_strategy group_by_length" in c[3] for c in calls)
+    table = json.loads((tmp_path / "glue_mrpc_suite_seed42.json").read_text())
+    rows = {r["method"]: r for r in table["table"]}
+    assert rows["ft"]["best_metric"] == 0.82 and rows["apt"]["best_vs_ft"] == pytest.approx(0.81 / 0.82)
+    calls.clear()
+    suite.main()  # everything is done now: nothing runs again
+    assert calls == []
+
+
+def test_suite_table_means_over_seeds_and_flags_constant_models(suite, tmp_path, monkeypatch):
+    make_table = _load("make_table")
+    monkeypatch.setattr(make_table, "RESULTS", tmp_path)
+    runs = {42: {"ft": _fake_run(0.90, 0.90), "apt": _fake_run(0.88, 0.89, events=(5,), density=0.4)},
+            43: {"ft": _fake_run(0.80, 0.80), "apt": _fake_run(0.50, 0.50, events=(5,), density=0.4)}}
+    for seed, by_method in runs.items():
+        meta = {"task": "sst2", "command": "python benchmarks/glue_suite.py", "args": {"seed": seed},
+                "metric": "accuracy", "majority_share": 0.5}
+        suite.gb.save(tmp_path / f"glue_sst2_suite_seed{seed}", meta, by_method)
+    text = make_table.suite_table("sst2")
+    apt = next(line for line in text.splitlines() if line.startswith("| apt |"))
+    cells = [c.strip() for c in apt.split("|")[1:-1]]
+    assert cells[1] == "2" and cells[2] == "0.6950 ± 0.2758"  # best dev over the two seeds
+    assert cells[4] == f"{(0.89 / 0.90 + 0.50 / 0.80) / 2:.3f}"  # per-seed ratio to that seed's FT, averaged
+    assert cells[5] == "1 of 2" and cells[-1] == "1"  # seed 43 ended at the majority class
+    summary = make_table.suite_summary(["sst2"])
+    assert "| apt | 0.807 | 0.807 |" in summary
