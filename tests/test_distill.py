@@ -331,15 +331,19 @@ def test_alive_layers_with_masks_ignores_held_blocks():
 
 
 def test_alive_layers_t5_site_order():
-    """T5 head masks: encoder self-attentions, then per decoder block its self- and cross-attention."""
-    att = lambda *n: [SimpleNamespace(num_heads=h) for h in n]  # noqa: E731
-    ffn = lambda *n: [SimpleNamespace(num_neurons=k) for k in n]  # noqa: E731
+    """T5 head masks: encoder self-attentions, then per decoder block its self- and cross-attention (the T5 spec's
+    layout and stacks)."""
+    config = tiny_t5().config
+    config.num_decoder_layers = 3
+    layout = apt_hf.describe(transformers.T5ForConditionalGeneration(config))
+    masks = lambda heads, neurons: SimpleNamespace(  # noqa: E731
+        heads=[torch.full((4,), float(h)) for h in heads], neurons=[torch.full((8,), float(n)) for n in neurons])
     # 2 encoder blocks, 3 decoder blocks; decoder block 1 lost its cross-attention, block 2 its FFN,
     # encoder block 0 its self-attention
-    layout = SimpleNamespace(family="t5", attentions=att(0, 4, 4, 4, 4, 0, 4, 4), ffns=ffn(8, 8, 8, 8, 0))
-    assert alive_layers(layout) == {"encoder": [False, True], "decoder": [True, False, False]}
-    layout = SimpleNamespace(family="t5", attentions=att(4, 4, 0, 4, 4, 4, 4, 4), ffns=ffn(8, 8, 8, 8, 8))
-    assert alive_layers(layout) == {"encoder": [True, True], "decoder": [False, True, True]}
+    assert alive_layers(layout, masks((0, 1, 1, 1, 1, 0, 1, 1), (1, 1, 1, 1, 0))) == {
+        "encoder": [False, True], "decoder": [True, False, False]}
+    assert alive_layers(layout, masks((1, 1, 0, 1, 1, 1, 1, 1), (1, 1, 1, 1, 1))) == {
+        "encoder": [True, True], "decoder": [False, True, True]}
 
 
 # ================================================================================================ teacher (F.1)

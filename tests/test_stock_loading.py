@@ -414,7 +414,7 @@ def test_format1_export_still_loads_and_is_replaced(tmp_path):
     record = json.loads((old / STRUCTURE_FILE).read_text())
     record.pop("files")
     (old / STRUCTURE_FILE).write_text(json.dumps(dict(record, format_version=1)))
-    for name in ("modeling_apt_pruned.py", "apt_pruned_runtime.py", "README.md"):
+    for name in ("modeling_apt_pruned.py", "apt_pruned_runtime.py", "apt_arch_bert.py", "README.md"):
         (old / name).unlink()
     loaded = apt_hf.load_pruned(old)
     assert (logits(loaded, forward) - ref).abs().max() <= TOL

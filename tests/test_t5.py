@@ -20,7 +20,7 @@ import transformers  # noqa: E402
 
 import apt_hf  # noqa: E402
 from apt_hf.export import STRUCTURE_FILE  # noqa: E402
-from apt_hf.t5 import EmptyT5Attention, PrunedT5Attention  # noqa: E402
+from apt_hf.arch.t5 import EmptyT5Attention, PrunedT5Attention  # noqa: E402
 
 H = 4  # heads per attention site
 TOL = 1e-4

@@ -78,6 +78,7 @@ from torch import nn
 from .arch import base_linear
 from .layer import APTLinear
 from .model import APTModel, find_apt_model
+from .runtime import heads_by_group
 
 __all__ = ["fisher_prune", "collect_mask_grads", "search_structure", "rearrange_layer", "tune_site_masks"]
 
@@ -225,8 +226,7 @@ def _site_units(kind: str, i: int, alive: torch.Tensor, grads: torch.Tensor, gro
                 heads_empty: list, neurons_empty: list, hidden_keep: torch.Tensor) -> _Units:
     alive = alive.cpu()
     if kind == "h" and group > 1:
-        members = [torch.nonzero(alive.view(-1, group)[j]).flatten() + j * group
-                   for j in range(alive.numel() // group)]
+        members = [torch.nonzero(row).flatten() + j * group for j, row in enumerate(heads_by_group(alive, group))]
         members = [m for m in members if m.numel()]
     else:
         members = [torch.tensor([j]) for j in torch.nonzero(alive).flatten().tolist()]
@@ -361,46 +361,21 @@ def _adapter_active(module: nn.Module) -> bool:
 
 
 def _sum_points(apt: APTModel) -> tuple[list, list, list[tuple[str, int]], list[tuple[str, int]]]:
-    """Where each site's residual sum is visible: (module, 'in' = first input / 'out' = first output).
-
-    Also returns the execution order (("a", i) = attention i, ("f", i) = FFN i) and, for T5, which
-    sites are in the decoder (for the choice of the token mask).
-    """
+    """Where each site's residual sum is visible (the layout's ``attention_sums`` / ``ffn_sums``: module, 'in' =
+    first input / 'out' = first output), the execution order (("a", i) = attention i, ("f", i) = FFN i) and which
+    sites are in a decoder stack of an encoder-decoder model (for the choice of the token mask)."""
     lay = apt.layout
-    na, nf = len(lay.attentions), len(lay.ffns)
-    if lay.family == "bert":
-        norms = lay.norms[1:]
-        att = [(norms[2 * i], "in") for i in range(na)]
-        ffn = [(norms[2 * i + 1], "in") for i in range(nf)]
-        order = [c for i in range(na) for c in (("a", i), ("f", i))]
-        dec: list = []
-    elif lay.family == "llama":
-        att = [(lay.norms[2 * i + 1], "in") for i in range(na)]
-        ffn = [(lay.norms[2 * i + 2], "in") for i in range(nf)]
-        order = [c for i in range(na) for c in (("a", i), ("f", i))]
-        dec = []
-    else:  # t5: every sub-layer returns its residual sum
-        att = [(s.parent, "out") for s in lay.attentions]
-        owners = {}
-        for m in apt.model.modules():
-            drr = getattr(m, "DenseReluDense", None)
-            if drr is not None:
-                owners[id(getattr(drr, "wo", None))] = m
-        ffn = []
-        for f in lay.ffns:
-            owner = owners.get(id(f.down))
-            if owner is None:
-                raise NotImplementedError("Could not find the T5 feed-forward sub-layer of a down projection; "
-                                          "mask tuning supports stock T5 layouts only (pass tune_masks=False).")
-            ffn.append((owner, "out"))
-        hf = apt.model
-        n_enc = len(hf.encoder.block)
-        n_dec = len(hf.decoder.block) if hasattr(hf, "decoder") else 0
-        order = [c for i in range(n_enc) for c in (("a", i), ("f", i))]
-        for j in range(n_dec):
-            order += [("a", n_enc + 2 * j), ("a", n_enc + 2 * j + 1), ("f", n_enc + j)]
-        dec = [("a", n_enc + k) for k in range(2 * n_dec)] + [("f", n_enc + j) for j in range(n_dec)]
-    return att, ffn, order, dec
+    if len(lay.attention_sums) != len(lay.attentions) or len(lay.ffn_sums) != len(lay.ffns):
+        raise NotImplementedError(f"The {lay.family!r} architecture spec does not say where its residual sums are; "
+                                  "mask tuning cannot run on it (pass tune_masks=False).")
+    order, dec = [], []
+    for stack in lay.layer_stacks():
+        for att, ffn in stack.layers:
+            sites = [("a", i) for i in att] + [("f", j) for j in ffn]
+            order += sites
+            if stack.name == "decoder":
+                dec += sites
+    return lay.attention_sums, lay.ffn_sums, order, dec
 
 
 def _run_to(model: nn.Module, batch: dict, point: tuple[nn.Module, str], extra: Optional[nn.Module] = None
@@ -647,7 +622,7 @@ def fisher_prune(model: nn.Module, dataloader: Iterable, target_density: float, 
     if tune_masks:
         att_pts, ffn_pts, order, dec = _sum_points(apt)
         # BERT-style classifiers read only the first token of the last layer (reference: ``cls_only``)
-        cls_last = lay.family == "bert" and type(apt.model).__name__.endswith("ForSequenceClassification")
+        cls_last = lay.spec.first_token_classifier and type(apt.model).__name__.endswith("ForSequenceClassification")
         tune_batches = batches if tune_samples is None else take_samples(batches, tune_samples)
         was_training = model.training
         model.eval()

@@ -140,7 +140,7 @@ class APTCallback(TrainerCallback):
                            "prunes and tunes without it. Train with apt_hf.APTTrainer, or set distillation=False to "
                            "silence this warning.")
         self._log_before_integrations()
-        use_kurtosis = cfg.use_kurtosis if cfg.use_kurtosis is not None else self.apt.layout.family == "llama"
+        use_kurtosis = cfg.use_kurtosis if cfg.use_kurtosis is not None else self.apt.layout.spec.kurtosis
         self.collector = SalienceCollector(self.apt.layout, cfg.salience_beta, use_kurtosis)
         self.importance = ImportanceTracker(cfg.salience_beta)
         self.initial_adapter_size = adapter_size(self.apt.apt_layers(), self.adapter_name)

@@ -23,16 +23,16 @@ def unpruned_model(config, stock: type) -> nn.Module:
 
 
 def _site_names(layout: runtime.Layout) -> tuple[list[str], list[str]]:
-    """Row labels of the attention and FFN tables."""
-    if layout.family != "t5":
-        return [f"layer {i}" for i in range(len(layout.attentions))], [f"layer {i}" for i in range(len(layout.ffns))]
-    n_enc = len(layout.ffns) - sum(1 for s in layout.attentions if s.kind == "cross")
-    attns, block = [], -1
-    for i, s in enumerate(layout.attentions):
-        block = i if i < n_enc else block + (s.kind == "self")
-        where = f"encoder {i}" if i < n_enc else f"decoder {block - n_enc}"
-        attns.append(f"{where} {s.kind}-attention")
-    ffns = [f"encoder {i}" if i < n_enc else f"decoder {i - n_enc}" for i in range(len(layout.ffns))]
+    """Row labels of the attention and FFN tables: ``layer i`` in a one-stack model, else e.g. ``decoder 1
+    cross-attention``."""
+    attns, ffns = [""] * len(layout.attentions), [""] * len(layout.ffns)
+    for stack in layout.layer_stacks():
+        where = "layer" if stack.name == "main" else stack.name
+        for j, (att, ffn) in enumerate(stack.layers):
+            for i in att:
+                attns[i] = f"{where} {j}" if stack.name == "main" else f"{where} {j} {layout.attentions[i].kind}-attention"
+            for i in ffn:
+                ffns[i] = f"{where} {j}"
     return attns, ffns
 
 
@@ -42,7 +42,7 @@ def model_card(model: nn.Module, stock: type, has_tokenizer: bool) -> str:
 
     config, record = model.config, getattr(model.config, runtime.RECORD_KEY)
     full = unpruned_model(config, stock)
-    full_layout = runtime.layout_of(full, record["family"])
+    full_layout = model.apt_spec.layout(full)
     n_full, n_kept = sum(p.numel() for p in full.parameters()), sum(p.numel() for p in model.parameters())
     heads = [a for a in config.auto_map if a.startswith("AutoModelFor") and a != "AutoModelForPreTraining"]
     auto = next((a for a in heads if a in _TASKS), heads[0] if heads else "AutoModel")

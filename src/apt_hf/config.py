@@ -28,16 +28,6 @@ runs the pruned base model, not the original dense one. For a model that loads w
 `apt_hf.export_pruned(model, folder)` (or `model.merge_and_unload().save_pretrained(folder)`).
 """
 
-# Default adapter placement per architecture (spec A.2).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "bert": ["query", "value", "intermediate.dense"],
-    "roberta": ["query", "value", "intermediate.dense"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "t5": ["q", "v", "wi_0", "wi"],
-}
-
 TEACHER_REFRESH = ("window", "eval", "never", "latest")  # see APTConfig.teacher_refresh
 _INT_FIELDS = ("r", "num_pruning_events", "mask_decay_window", "max_rank", "distill_num_layers", "transform_rank")
 _REAL_FIELDS = ("lora_alpha", "lora_dropout", "target_sparsity", "pruning_start", "pruning_end", "sparsity_warmup",
@@ -64,8 +54,9 @@ class APTConfig(PeftConfig):
             changes when a rank grows (spec E.3.6), so 16 gives ``s = 2``.
         lora_dropout: dropout on the adapter input.
         target_modules: names (suffixes) or a regex of the linear layers that get adapters. ``None`` picks the
-            per-architecture default of spec A.2: query/value/FFN-up for BERT/RoBERTa, q/v of every attention kind
-            plus the gated-FFN gate for T5, q_proj/v_proj for LLaMA-family models.
+            family's default of spec A.2 (``ArchSpec.target_modules`` in :mod:`apt_hf.arch`): query/value/FFN-up for
+            BERT/RoBERTa, q/v of every attention kind plus the gated-FFN gate for T5, q_proj/v_proj for LLaMA-family
+            models.
         rank_pattern: the current rank of each adapted module, by module name. Filled automatically when the
             adapter is saved, so that grown adapters reload at their grown rank.
         modules_to_save: extra modules trained in full and saved (PEFT fills the task head for ``task_type``).

@@ -89,13 +89,8 @@ def alive_layers(layout: Layout, masks: Optional[APTMasks] = None) -> dict[str, 
     else:
         att = [bool((m > 0).any()) for m in masks.heads]
         ffn = [bool((m > 0).any()) for m in masks.neurons]
-    if layout.family != "t5":
-        return {"main": [a and f for a, f in zip(att, ffn)]}
-    n_dec = (len(att) - len(ffn)) if len(att) > len(ffn) else 0  # each decoder block has one extra (cross) site
-    n_enc = len(ffn) - n_dec
-    enc = [att[i] and ffn[i] for i in range(n_enc)]
-    dec = [att[n_enc + 2 * j] and att[n_enc + 2 * j + 1] and ffn[n_enc + j] for j in range(n_dec)]
-    return {"encoder": enc, "decoder": dec}
+    return {stack.name: [all(att[i] for i in a) and all(ffn[j] for j in f) for a, f in stack.layers]
+            for stack in layout.layer_stacks()}
 
 
 def make_transform(hidden: int, rank: int, scaling: float, device=None, dtype=None) -> APTLinear:

@@ -19,6 +19,7 @@ import transformers
 from torch import nn
 
 from . import runtime
+from .arch import FAMILIES
 from .model import find_apt_model
 from .remote import (CLASS_PREFIX, STRUCTURE_FILE, check_finite, is_model_file, listed_files, make_exportable,
                      pruned_config_class, pruned_model_class, structure_record)
@@ -112,9 +113,9 @@ def _stock_classes(path: Path, config: dict) -> tuple[type, type]:
     """The stock config and model classes named by an export's config.json (format 1: stock names; format 2: the
     ``apt_pruned_`` model_type and ``AptPruned`` architecture)."""
     model_type = runtime.stock_model_type(config.get("model_type"))
-    if model_type not in runtime.FAMILIES:
+    if model_type not in FAMILIES:
         raise ValueError(f"{path}/config.json has model_type={config.get('model_type')!r}; apt_hf exports are of "
-                         f"{sorted(runtime.FAMILIES)}. The export is corrupted.")
+                         f"{sorted(FAMILIES)}. The export is corrupted.")
     arch = (config.get("architectures") or [None])[0]
     name = arch[len(CLASS_PREFIX):] if isinstance(arch, str) and arch.startswith(CLASS_PREFIX) else arch
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
@@ -143,12 +144,12 @@ def load_pruned(path: Union[str, os.PathLike], **kwargs: Any) -> transformers.Pr
     record = _read_json(record_file)
     if isinstance(record, dict):
         record = {k: v for k, v in record.items() if k != "files"}
-    runtime.check_record(record, str(record_file))
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json; the export is incomplete.")
     config_dict = _read_json(path / "config.json")
     in_config = config_dict.pop(runtime.RECORD_KEY, None)
     config_cls, stock = _stock_classes(path, config_dict)
+    runtime.check_record(record, pruned_model_class(stock).apt_spec, str(record_file))
     drop = ("model_type", "architectures", "auto_map")
     config = pruned_config_class(config_cls).from_dict({k: v for k, v in config_dict.items() if k not in drop})
     setattr(config, runtime.RECORD_KEY, record)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .arch import CountModel, Layout, base_linear
+from .runtime import NORM_KINDS
 
 
 class MaskList:
@@ -105,7 +106,10 @@ class APTMasks(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- masked norms
 class MaskedNormMixin:
-    """Norm over the residual stream that uses only kept (mask > 0) dimensions for its statistics (spec A.4)."""
+    """Norm over the residual stream that uses only kept (mask > 0) dimensions for its statistics (spec A.4).
+
+    Its kind (``apt_norm_kind``, from the family's :attr:`~apt_hf.runtime.ArchSpec.norm`) says what it computes:
+    ``layer`` (LayerNorm), ``rms`` (``y * w``) or ``rms_one_plus`` (``y * (1 + w)``, Gemma)."""
 
     apt_masks: APTMasks
 
@@ -114,24 +118,25 @@ class MaskedNormMixin:
         m = masks.hidden
         if masks.is_full(m):
             return super().forward(x)
+        kind = self.__dict__["apt_norm_kind"]
         keep = (m > 0).to(torch.float32)
         n = keep.sum().clamp_min(1.0)
         xf = x.to(torch.float32) * keep
         eps = getattr(self, "eps", None)
         if eps is None:
             eps = getattr(self, "variance_epsilon", 1e-6)
-        if isinstance(self, nn.LayerNorm):
+        if kind == "layer":
             mean = xf.sum(-1, keepdim=True) / n
             centred = (xf - mean) * keep
             var = centred.pow(2).sum(-1, keepdim=True) / n
             y = centred * torch.rsqrt(var + eps)
-        else:  # RMS-style norms (LLaMA RMSNorm, T5LayerNorm)
+        else:
             var = xf.pow(2).sum(-1, keepdim=True) / n
             y = xf * torch.rsqrt(var + eps)
         weight = getattr(self, "weight", None)
         bias = getattr(self, "bias", None)
         if weight is not None:
-            y = y * weight.to(torch.float32)
+            y = y * (weight.to(torch.float32) + (1.0 if kind == "rms_one_plus" else 0.0))
         if bias is not None:
             y = y + bias.to(torch.float32)
         out_dtype = weight.dtype if weight is not None and weight.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -141,8 +146,12 @@ class MaskedNormMixin:
 _MASKED_CLASSES: dict[type, type] = {}
 
 
-def make_norm_masked(norm: nn.Module, masks: APTMasks) -> None:
-    """Turn ``norm`` into its masked subclass in place (parameters and state-dict keys unchanged)."""
+def make_norm_masked(norm: nn.Module, masks: APTMasks, kind: str) -> None:
+    """Turn ``norm`` into its masked subclass of ``kind`` (see :class:`MaskedNormMixin`) in place (parameters and
+    state-dict keys unchanged)."""
+    if kind not in NORM_KINDS:
+        raise ValueError(f"Unknown norm kind {kind!r}; an ArchSpec's norm is one of {NORM_KINDS}.")
+    norm.__dict__["apt_norm_kind"] = kind
     cls = type(norm)
     if issubclass(cls, MaskedNormMixin):
         norm.__dict__["apt_masks"] = masks
@@ -158,6 +167,7 @@ def make_norm_plain(norm: nn.Module) -> None:
     if isinstance(norm, MaskedNormMixin):
         norm.__class__ = [c for c in type(norm).__mro__ if c is not MaskedNormMixin and c is not type(norm)][0]
         norm.__dict__.pop("apt_masks", None)
+        norm.__dict__.pop("apt_norm_kind", None)
 
 
 # ---------------------------------------------------------------------------------------------- hooks
@@ -198,7 +208,7 @@ def install_mask_hooks(layout: Layout, masks: APTMasks) -> list[torch.utils.hook
     for module in layout.hidden_writers + layout.embedding_outputs:
         handles.append(module.register_forward_hook(hidden_out_hook))
     for norm in layout.norms:
-        make_norm_masked(norm, masks)
+        make_norm_masked(norm, masks, layout.spec.norm)
     return handles
 
 

@@ -13,14 +13,13 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from . import checkpoint
-from .arch import FAMILIES, CountModel, Layout, UnsupportedArchitectureError, describe
-from .config import DEFAULT_TARGET_MODULES, APTConfig
+from .arch import SPECS, CountModel, Layout, describe, spec_for
+from .config import APTConfig
 from .distill import make_transform
 from .layer import APTLinear, ParamChange
 from .masks import APTMasks, dense_count, install_mask_hooks, remove_mask_hooks, sizes_of
 from .prune import apply_structure, fold_unit_masks, kept_after
 from .remote import make_exportable, structure_record
-from .runtime import stock_model_type
 
 MASKS_ATTR = "apt_masks"
 BASE_SIZES_ATTR = "apt_base_sizes"  # heads per attention, neurons per FFN, hidden width of the unpruned base model
@@ -37,22 +36,13 @@ class APTModel(BaseTuner):
 
     prefix: str = "apt_"
     tuner_layer_cls = APTLinear
-    target_module_mapping = DEFAULT_TARGET_MODULES
+    target_module_mapping = {t: list(s.target_modules) for s in SPECS for t in s.model_types}  # spec A.2 defaults
 
     # ------------------------------------------------------------------------------------------ PEFT hooks
     def _prepare_adapter_config(self, peft_config: APTConfig, model_config: dict) -> APTConfig:
-        model_type = stock_model_type(model_config.get("model_type"))
-        if model_type not in FAMILIES:
-            raise UnsupportedArchitectureError(
-                f"apt_hf does not support model_type={model_config.get('model_type')!r}. Supported: "
-                f"{', '.join(sorted(FAMILIES))}. Open an issue with the architecture you need.")
+        spec = spec_for(model_config)  # an unknown family fails here, naming the supported ones
         if peft_config.target_modules is None:
-            if model_type not in self.target_module_mapping:
-                raise ValueError(
-                    f"APTConfig.target_modules is None and apt_hf has no default for model_type={model_type!r}; "
-                    "pass target_modules explicitly, e.g. ['q_proj', 'v_proj']."
-                )
-            peft_config.target_modules = list(self.target_module_mapping[model_type])
+            peft_config.target_modules = list(spec.target_modules)
         return peft_config
 
     def _check_new_adapter_config(self, config: APTConfig) -> None:

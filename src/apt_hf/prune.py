@@ -14,8 +14,7 @@ from torch import nn
 from .arch import AttentionSite, FFNSite, Layout, base_linear
 from .layer import APTLinear, ParamChange, replace_param, select_linear
 from .masks import APTMasks
-from .runtime import set_heads
-from .t5 import t5_original_indices
+from .runtime import check_group_rule, heads_by_group
 
 
 def _select(module: nn.Module, out_idx: Optional[torch.Tensor], in_idx: Optional[torch.Tensor],
@@ -34,18 +33,10 @@ def kv_groups(site: AttentionSite, heads: torch.Tensor) -> tuple[torch.Tensor, i
     """Key/value heads that serve the kept query ``heads``, and the new query heads per group.
 
     Under grouped-query attention every surviving group must keep the same number of query heads
-    (HF_STACK_NOTES); a violation raises ``ValueError`` (use :func:`gqa_closure` to repair a mask first).
+    (:func:`apt_hf.runtime.check_group_rule`); a violation raises ``ValueError`` (use :func:`gqa_closure` to repair a
+    mask first).
     """
-    g = site.group_size
-    if g == 1:
-        return heads, 1
-    groups, counts = torch.unique(torch.div(heads, g, rounding_mode="floor"), return_counts=True)
-    if len(counts) and not bool((counts == counts[0]).all()):
-        raise ValueError(
-            f"Grouped-query attention keeps {counts.tolist()} query heads in its key/value groups {groups.tolist()}; "
-            "every surviving group must keep the same number. Repair the head mask with apt_hf.prune.gqa_closure."
-        )
-    return groups, int(counts[0]) if len(counts) else g
+    return check_group_rule(heads, site.group_size)
 
 
 def gqa_closure(keep: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -53,7 +44,7 @@ def gqa_closure(keep: torch.Tensor, group_size: int) -> torch.Tensor:
     per-group count with its lowest-indexed dropped heads (their masks stay 0, so outputs are unchanged)."""
     if group_size == 1 or keep.numel() == 0:
         return torch.nonzero(keep).flatten()
-    k = keep.view(-1, group_size)
+    k = heads_by_group(keep, group_size)
     per_group = k.sum(1)
     target = int(per_group.max())
     out = []
@@ -79,8 +70,12 @@ def prune_heads(layout: Layout, i: int, heads: torch.Tensor, changes: list[Param
     _select(site.k, kv_rows, None, changes)
     _select(site.v, kv_rows, None, changes)
     _select(site.o, None, q_rows, changes)
-    t5_kept = t5_original_indices(site.core, heads) if layout.family == "t5" else None
-    set_heads(layout, i, len(heads), new_group, t5_kept)
+    spec = layout.spec
+    original = None
+    if spec.kept_heads is not None:  # the original indices of the heads kept, for a family that records them
+        current = spec.kept_heads(site.core)
+        original = [current[int(h)] for h in heads.tolist()]
+    spec.set_heads(layout, i, len(heads), new_group, original)
 
 
 def prune_neurons(site: FFNSite, neurons: torch.Tensor, changes: list[ParamChange]) -> None:

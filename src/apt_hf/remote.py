@@ -4,7 +4,8 @@ A physically pruned model becomes an instance of ``AptPruned<Stock>`` (:class:`~
 plus the stock transformers class, e.g. ``AptPrunedBertForSequenceClassification``) whose config is an
 ``AptPruned<StockConfig>`` (model_type ``apt_pruned_<type>``) carrying the record of kept sizes in
 ``config.apt_pruned``. Its ``save_pretrained`` writes the export: the stock files (config.json with that record and
-an ``auto_map``, the weights), ``apt_pruned_runtime.py`` (a copy of :mod:`apt_hf.runtime`), a
+an ``auto_map``, the weights), ``apt_pruned_runtime.py`` (a copy of :mod:`apt_hf.runtime`), ``apt_arch_<module>.py``
+(the module of the model's family from :mod:`apt_hf.arch`, its one runtime import pointed at the copy), a
 ``modeling_apt_pruned.py`` generated from the template below that defines the same classes for a process without
 apt_hf, ``apt_structure.json`` (the record and the files this export wrote) and a model card ``README.md``.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -29,11 +31,13 @@ from torch import nn
 from transformers.models.auto import modeling_auto
 
 from . import runtime
-from .arch import describe
+from .arch import describe, spec_for
 from .card import model_card
 from .masks import sizes_of
 
 RUNTIME_FILE = "apt_pruned_runtime.py"
+ARCH_FILE = "apt_arch_{}.py"  # the family's module of apt_hf.arch
+_RUNTIME_IMPORT = "from ..runtime import "  # a family module's only relative import (see shipped_arch_source)
 MODELING_FILE = "modeling_apt_pruned.py"
 STRUCTURE_FILE = "apt_structure.json"
 CARD_FILE = "README.md"
@@ -53,7 +57,10 @@ freshly built stock model to them before the weights load, and refuses weights t
 
 from transformers import AutoModel, {imports}
 
+from .{arch_module} import SPECS
 from .apt_pruned_runtime import PrunedModelMixin
+
+SPEC = next(spec for spec in SPECS if spec.family == "{family}")
 
 
 class {config}({stock_config}):
@@ -63,6 +70,7 @@ _CLASS_TEMPLATE = '''
 
 class {name}(PrunedModelMixin, {stock}):
     config_class = {config}
+    apt_spec = SPEC
 '''
 
 # Task classes built on ``AutoModel.from_config(config)`` (e.g. LlamaForSequenceClassification) need the pruned
@@ -100,14 +108,38 @@ def auto_map(stock: type) -> dict[str, str]:
     return entries
 
 
+def _spec_of(stock: type) -> runtime.ArchSpec:
+    return spec_for({"model_type": stock.config_class.model_type}, stock.__name__)
+
+
+def arch_file(spec: runtime.ArchSpec) -> str:
+    """File name of the family module of ``spec`` in an export."""
+    return ARCH_FILE.format(spec.layout.__module__.rsplit(".", 1)[-1])
+
+
+def shipped_arch_source(spec: runtime.ArchSpec) -> str:
+    """The source of ``spec``'s family module as an export ships it: its runtime import reads the runtime copy next
+    to it. A family module that imports anything else of apt_hf cannot be shipped (a clear error for its author)."""
+    module = sys.modules[spec.layout.__module__]
+    source = Path(module.__file__).read_text()
+    relative = re.findall(r"^\s*(?:from\s+\.\S*\s+import|import\s+\.)", source, re.M)
+    if source.count(_RUNTIME_IMPORT) != 1 or len(relative) != 1 or re.search(r"^\s*(import|from)\s+apt_hf", source,
+                                                                            re.M):
+        raise RuntimeError(f"{module.__name__} must import apt_hf code only through one '{_RUNTIME_IMPORT}...' line "
+                           "(it is shipped with exports, see docs/ADDING_AN_ARCHITECTURE.md).")
+    return source.replace(_RUNTIME_IMPORT, f"from .{RUNTIME_FILE[:-3]} import ")
+
+
 def modeling_source(stock: type) -> str:
     """The generated ``modeling_apt_pruned.py`` of an export of ``stock``."""
     from . import __version__
 
     classes = exported_classes(stock)
+    spec = _spec_of(stock)
     config, stock_config = CLASS_PREFIX + stock.config_class.__name__, stock.config_class.__name__
     source = _MODELING_TEMPLATE.format(stock=stock.__name__, version=__version__, config=config,
                                        imports=", ".join([stock_config] + [c.__name__ for c in classes]),
+                                       arch_module=arch_file(spec)[:-3], family=spec.family,
                                        stock_config=stock_config,
                                        model_type=runtime.MODEL_TYPE_PREFIX + stock.config_class.model_type)
     source += "".join(_CLASS_TEMPLATE.format(name=CLASS_PREFIX + c.__name__, stock=c.__name__, config=config)
@@ -127,7 +159,7 @@ def pruned_model_class(stock: type) -> type:
     """``AptPruned<Stock>``: built at the recorded sizes, saved as a loadable export (as in the generated file)."""
     config = pruned_config_class(stock.config_class)
     cls = type(CLASS_PREFIX + stock.__name__, (ExportMixin, runtime.PrunedModelMixin, stock),
-               {"config_class": config, "__module__": __name__})
+               {"config_class": config, "apt_spec": _spec_of(stock), "__module__": __name__})
     for auto, ref in auto_map(stock).items():  # so that auto classes and pipelines accept it
         if auto != "AutoConfig" and ref.endswith("." + cls.__name__):
             getattr(transformers, auto).register(config, cls, exist_ok=True)
@@ -163,8 +195,8 @@ def structure_record(model: nn.Module) -> dict:
     heads, neurons, hidden = sizes_of(layout)
     record = {"format_version": runtime.FORMAT_VERSION, "family": layout.family, "hidden_size": hidden,
               "heads": heads, "kv_heads": [s.num_kv_heads for s in layout.attentions], "neurons": neurons}
-    if layout.family == "t5":  # which original heads each block keeps: its slice of the shared position bias
-        record["t5_kept_heads"] = [runtime.t5_kept_heads(s.core) for s in layout.attentions]
+    if layout.spec.head_index_key is not None:  # e.g. T5: the original heads each block keeps
+        record[layout.spec.head_index_key] = [layout.spec.kept_heads(s.core) for s in layout.attentions]
     return record
 
 
@@ -219,6 +251,7 @@ class ExportMixin:
         setattr(self.config, runtime.RECORD_KEY, record)  # (a format-1 record has the same keys)
         super().save_pretrained(folder, *args, **kwargs)
         (folder / RUNTIME_FILE).write_text(Path(runtime.__file__).read_text())
+        (folder / arch_file(self.apt_spec)).write_text(shipped_arch_source(self.apt_spec))
         (folder / MODELING_FILE).write_text(modeling_source(stock))
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)

@@ -1,16 +1,17 @@
 """Runtime of a transformers model whose heads, neurons and hidden width were pruned physically (spec A.4, G, K.9).
 
 Needs only torch and transformers: apt_hf copies this file unchanged into every export (as
-``apt_pruned_runtime.py``), next to a generated ``modeling_apt_pruned.py`` whose classes subclass the stock
-transformers classes of the model's family with :class:`PrunedModelMixin`. So a process without apt_hf loads the
-export with ``AutoModel….from_pretrained(folder, trust_remote_code=True)``, and apt_hf itself uses the same code
-(training-time pruning, ``load_pruned``), so every route builds the same modules.
+``apt_pruned_runtime.py``), next to the module of the model's family from :mod:`apt_hf.arch` (as
+``apt_arch_<module>.py``) and a generated ``modeling_apt_pruned.py`` whose classes subclass the stock transformers
+classes with :class:`PrunedModelMixin`. So a process without apt_hf loads the export with
+``AutoModel….from_pretrained(folder, trust_remote_code=True)``, and apt_hf itself uses the same code (training-time
+pruning, ``load_pruned``), so every route builds the same modules.
 
-- :func:`layout_of`: where heads, neurons and hidden dimensions live in a BERT, RoBERTa, LLaMA-family (LLaMA,
-  Mistral, Qwen2; grouped-query attention too) or T5 model.
-- Stand-ins for attentions after head pruning: :class:`EmptyAttention` (BERT/LLaMA attention with no heads left),
-  :class:`PrunedT5Attention` and :class:`EmptyT5Attention` (T5 blocks that keep different heads slice the shared
-  relative position bias to their own), installed by :func:`set_heads`.
+- :class:`ArchSpec`: what apt_hf knows about one architecture family (each module of :mod:`apt_hf.arch` defines
+  some); :class:`Layout`: where heads, neurons and hidden dimensions live in one model, with module references.
+- The grouped-query rule (:func:`heads_by_group`, :func:`kv_heads_kept`, :func:`check_group_rule`), in one place.
+- Stand-ins for attentions after head pruning: :class:`EmptyAttention` (no heads left), installed by the
+  ``set_heads`` helpers that family specs use.
 - The record of kept sizes (``apt_pruned`` in config.json, ``apt_structure.json``): :func:`check_record`.
 - :func:`shape_model`: resize a freshly built (full-size, possibly meta-device) model to a record before its
   weights load; :class:`PrunedModelMixin`: the model-class side of it, which also refuses any load that would leave
@@ -22,29 +23,18 @@ This file must not import apt_hf.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-from transformers.cache_utils import EncoderDecoderCache
-from transformers.models.t5.modeling_t5 import T5Attention
 
-# model_type -> family
-FAMILIES = {"bert": "bert", "roberta": "bert", "llama": "llama", "mistral": "llama", "qwen2": "llama", "t5": "t5"}
 RECORD_KEY = "apt_pruned"  # the config attribute holding the record
 MODEL_TYPE_PREFIX = "apt_pruned_"  # model_type of a pruned export: this prefix + the stock model_type
 FORMAT_VERSION = 2  # 2: config.json routes to this code; 1: stock config.json (read by apt_hf.load_pruned only)
 SUPPORTED_VERSIONS = (1, 2)
 _REQUIRED = ("format_version", "family", "hidden_size", "heads", "kv_heads", "neurons")
-_OPTIONAL = ("t5_kept_heads",)
-
-# Task-head linears that read the residual stream (their input columns follow the hidden width).
-HEAD_READERS = {
-    "bert": ("pooler.dense", "classifier.dense", "qa_outputs", "lm_head.dense", "cls.predictions.transform.dense"),
-    "llama": ("lm_head", "score", "qa_outputs"),
-    "t5": ("lm_head",),
-}
 _TOKEN_LEVEL_CLASSIFIER = ("ForTokenClassification",)
+NORM_KINDS = ("layer", "rms", "rms_one_plus")  # LayerNorm, y * w RMSNorm, y * (1 + w) RMSNorm (Gemma)
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -103,14 +93,24 @@ class FFNSite:
 
 
 @dataclass
-class Layout:
-    """Everything structural about one model (spec A.4, B).
+class Stack:
+    """One stack of layers (spec F.3): for each layer the attention-site and FFN-site indices it holds, and the model
+    output attribute with the stack's hidden states (entry 0: the embeddings, then one per layer)."""
 
-    Head-site order: the attention sites in model order; for T5 the encoder self-attentions, then for each decoder
-    block its self-attention followed by its cross-attention.
+    name: str  # "main" for single-stack models; "encoder" / "decoder" for encoder-decoder models
+    layers: list[tuple[list[int], list[int]]]
+    hidden_states: str = "hidden_states"
+
+
+@dataclass
+class Layout:
+    """Everything structural about one model (spec A.4, B), built by its family's :attr:`ArchSpec.layout`.
+
+    Head-site order: the attention sites in model order (T5: the encoder self-attentions, then for each decoder
+    block its self-attention followed by its cross-attention).
     """
 
-    family: str
+    spec: "ArchSpec"
     hidden_size: int
     attentions: list[AttentionSite]
     ffns: list[FFNSite]
@@ -120,6 +120,14 @@ class Layout:
     counted_norms: list[nn.Module]  # norms that belong to the spec B.3 "main" count
     readers: list[nn.Module] = field(default_factory=list)  # task-head linears reading the residual stream
     transforms: list[nn.Module] = field(default_factory=list)  # d x d maps on both sides (distillation's Tr)
+    stacks: list[Stack] = field(default_factory=list)  # empty: one "main" stack, layer i = attention i + FFN i
+    # where each site's residual sum is visible: (module, "in" = its first input, "out" = its first output)
+    attention_sums: list[tuple[nn.Module, str]] = field(default_factory=list)
+    ffn_sums: list[tuple[nn.Module, str]] = field(default_factory=list)
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
 
     @property
     def hidden_writers(self) -> list[nn.Module]:
@@ -130,6 +138,59 @@ class Layout:
         mods = [m for s in self.attentions for m in (s.q, s.k, s.v) if m is not None]
         mods += [m for f in self.ffns for m in (f.up, f.gate) if m is not None]
         return mods + self.readers
+
+    def layer_stacks(self) -> list[Stack]:
+        """The stacks of layers; a model that lists none is one stack, layer ``i`` holding attention ``i`` and FFN
+        ``i``."""
+        if self.stacks:
+            return self.stacks
+        return [Stack("main", [([i], [i]) for i in range(len(self.attentions))])]
+
+
+SetHeads = Callable[[Layout, int, int, int, Optional[list[int]]], None]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What apt_hf needs to know about one architecture family (see docs/ADDING_AN_ARCHITECTURE.md).
+
+    The family's module in :mod:`apt_hf.arch` builds it; everything else in apt_hf asks it instead of branching on the
+    family. The parameter count (spec B.3) follows from the layout (biases, gated FFNs and counted norms are read off
+    the modules), so a spec has no formula of its own.
+    """
+
+    family: str  # the name recorded in exports
+    model_types: tuple[str, ...]  # stock transformers model_type values it serves (matched in this order)
+    layout: Callable[[nn.Module], Layout]  # the Layout of a transformers model of this family
+    set_heads: SetHeads  # make an attention core match projections that now hold fewer (or no) heads
+    target_modules: tuple[str, ...]  # default adapter targets (spec A.2)
+    readers: tuple[str, ...] = ()  # task-head linears that read the residual stream (module-name suffixes)
+    norm: str = "layer"  # kind of the residual-stream norms: one of NORM_KINDS
+    kurtosis: bool = False  # default of APTConfig.use_kurtosis (spec C.2: the outlier term, used for LLMs)
+    first_token_classifier: bool = False  # sequence classifiers read only the first position (mask tuning, J)
+    distill_normalize: bool = False  # RMS-normalise hidden states before the layer loss (spec F.3; T5)
+    head_index_key: Optional[str] = None  # record key with each attention's original head indices (T5)
+    kept_heads: Optional[Callable[[nn.Module], list[int]]] = None  # those indices, from an attention core
+    match: Optional[Callable[[Any], bool]] = None  # an extra test on the config (default: model_type only)
+
+    def matches(self, config: Any) -> bool:
+        """Whether this spec serves ``config`` (a transformers config or a config dict)."""
+        get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+        return stock_model_type(get("model_type")) in self.model_types and (self.match is None or self.match(config))
+
+
+def find_readers(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
+    """Linears named ``names`` (suffix match, PEFT wrappers skipped), plus the classifier of a token-level
+    classification model (it reads every position of the residual stream)."""
+    token_level = any(tag in type(model).__name__ for tag in _TOKEN_LEVEL_CLASSIFIER)
+    readers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or "base_layer" in name.split("."):
+            continue
+        plain = _unwrap_name(name)
+        if any(plain == n or plain.endswith("." + n) for n in names) or (token_level and plain == "classifier"):
+            readers.append(module)
+    return readers
 
 
 def _unwrap_name(name: str) -> str:
@@ -145,84 +206,33 @@ def _unwrap_name(name: str) -> str:
     return ".".join(out)
 
 
-def _find_readers(model: nn.Module, family: str) -> list[nn.Module]:
-    names = HEAD_READERS[family]
-    token_level = any(tag in type(model).__name__ for tag in _TOKEN_LEVEL_CLASSIFIER)
-    readers = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or "base_layer" in name.split("."):
-            continue
-        plain = _unwrap_name(name)
-        if any(plain == n or plain.endswith("." + n) for n in names) or (token_level and plain == "classifier"):
-            readers.append(module)
-    return readers
+# ---------------------------------------------------------------------------------------------- grouped-query rule
+# Under grouped-query attention query head h reads key/value head h // g (g = query heads per key/value head); a
+# pruned layer can only drop whole key/value heads, and every surviving group must keep the same number of query
+# heads (HF_STACK_NOTES). Every part of apt_hf that needs the rule uses these three functions.
+def heads_by_group(per_head: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``per_head`` (one entry per query head) viewed as ``(key/value heads, group_size)``."""
+    return per_head.reshape(-1, max(1, group_size))
 
 
-def layout_of(hf: nn.Module, family: str) -> Layout:
-    """The :class:`Layout` of a transformers model of ``family`` (``"bert"``, ``"llama"`` or ``"t5"``)."""
-    return {"bert": _bert_layout, "llama": _llama_layout, "t5": _t5_layout}[family](hf, hf.config)
+def kv_heads_kept(keep: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Which key/value heads serve at least one kept query head (``keep``: boolean per query head)."""
+    return heads_by_group(keep, group_size).any(1)
 
 
-def _bert_layout(hf: nn.Module, config) -> Layout:
-    core = hf.base_model
-    head_dim = config.hidden_size // config.num_attention_heads
-    attns, ffns, norms = [], [], []
-    for layer in core.encoder.layer:
-        att = layer.attention
-        q, k, v = (getattr(att.self, n, None) for n in ("query", "key", "value"))
-        attns.append(AttentionSite(att, "self", q, k, v, att.output.dense, head_dim, "self"))
-        ffns.append(FFNSite(layer.intermediate.dense, None, layer.output.dense))
-        norms += [att.output.LayerNorm, layer.output.LayerNorm]
-    emb = core.embeddings
-    embeddings = [m for m in (emb.word_embeddings, getattr(emb, "position_embeddings", None),
-                              getattr(emb, "token_type_embeddings", None)) if m is not None]
-    return Layout("bert", emb.word_embeddings.embedding_dim, attns, ffns, embeddings, [], [emb.LayerNorm] + norms,
-                  norms, _find_readers(hf, "bert"))
+def check_group_rule(heads: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
+    """Key/value heads that serve the kept query ``heads`` (sorted indices), and the query heads each now serves.
 
-
-def _llama_layout(hf: nn.Module, config) -> Layout:
-    core = hf.base_model
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attns, ffns, norms = [], [], []
-    for layer in core.layers:
-        sa = layer.self_attn
-        q, k, v = (getattr(sa, n, None) for n in ("q_proj", "k_proj", "v_proj"))
-        attns.append(AttentionSite(layer, "self_attn", q, k, v, sa.o_proj, head_dim, "self"))
-        ffns.append(FFNSite(layer.mlp.up_proj, layer.mlp.gate_proj, layer.mlp.down_proj))
-        norms += [layer.input_layernorm, layer.post_attention_layernorm]
-    norms.append(core.norm)
-    return Layout("llama", core.embed_tokens.embedding_dim, attns, ffns, [core.embed_tokens], [core.embed_tokens],
-                  norms, norms, _find_readers(hf, "llama"))
-
-
-def _t5_layout(hf: nn.Module, config) -> Layout:
-    attns, ffns, norms = [], [], []
-
-    def add_attention(layer: nn.Module, core_name: str, kind: str) -> None:
-        a = getattr(layer, core_name)
-        q, k, v = (getattr(a, n, None) for n in ("q", "k", "v"))
-        attns.append(AttentionSite(layer, core_name, q, k, v, a.o, config.d_kv, kind))
-
-    def add_ffn(layer: nn.Module) -> None:
-        d = layer.DenseReluDense
-        ffns.append(FFNSite(d.wi_1, d.wi_0, d.wo) if hasattr(d, "wi_0") else FFNSite(d.wi, None, d.wo))
-
-    for block in hf.encoder.block:
-        add_attention(block.layer[0], "SelfAttention", "self")
-        add_ffn(block.layer[1])
-        norms += [block.layer[0].layer_norm, block.layer[1].layer_norm]
-    if hasattr(hf, "decoder"):
-        for block in hf.decoder.block:
-            add_attention(block.layer[0], "SelfAttention", "self")
-            add_attention(block.layer[1], "EncDecAttention", "cross")
-            add_ffn(block.layer[2])
-            norms += [block.layer[0].layer_norm, block.layer[1].layer_norm, block.layer[2].layer_norm]
-        norms.append(hf.decoder.final_layer_norm)
-    norms.append(hf.encoder.final_layer_norm)
-    outputs = [hf.encoder.embed_tokens] + ([hf.decoder.embed_tokens] if hasattr(hf, "decoder") else [])
-    unique_outputs = list({id(m): m for m in outputs}.values())
-    return Layout("t5", hf.shared.embedding_dim, attns, ffns, [hf.shared], unique_outputs, norms, norms,
-                  _find_readers(hf, "t5"))
+    Raises ``ValueError`` if the surviving groups keep different numbers of query heads."""
+    if group_size == 1:
+        return heads, 1
+    groups, counts = torch.unique(torch.div(heads, group_size, rounding_mode="floor"), return_counts=True)
+    if len(counts) and not bool((counts == counts[0]).all()):
+        raise ValueError(
+            f"Grouped-query attention keeps {counts.tolist()} query heads in its key/value groups {groups.tolist()}; "
+            "every surviving group must keep the same number. Repair the head mask with apt_hf.prune.gqa_closure."
+        )
+    return groups, int(counts[0]) if len(counts) else group_size
 
 
 # ---------------------------------------------------------------------------------------------- attention stand-ins
@@ -234,152 +244,70 @@ def cache_argument(kwargs: dict):
 
 
 class EmptyAttention(nn.Module):
-    """Stands in for a BERT or LLaMA attention core whose heads are all gone.
+    """Stands in for an attention core whose heads are all gone.
 
-    BERT's output projection sits outside the core, so the core returns a zero-width context and the projection
-    adds its bias. LLaMA's ``o_proj`` lives inside the core and is kept here under its own name; the layer's
-    key/value cache still receives zero-head entries so the cache length (and generation positions) stay right.
+    When the output projection sits outside the core (BERT), the core returns a zero-width context and the
+    projection adds its bias. When it lives inside (LLaMA, DistilBERT), it is kept here under its own name
+    (``o_name``); a key/value cache still receives zero-head entries so the cache length (and generation positions)
+    stay right.
     """
 
-    def __init__(self, family: str, o_proj: Optional[nn.Module] = None, layer_idx: Optional[int] = None,
-                 head_dim: int = 0) -> None:
+    def __init__(self, o_proj: Optional[nn.Module] = None, layer_idx: Optional[int] = None, head_dim: int = 0,
+                 o_name: str = "o_proj") -> None:
         super().__init__()
-        self.family, self.layer_idx, self.head_dim = family, layer_idx, head_dim
+        self.layer_idx, self.head_dim, self.o_name = layer_idx, head_dim, o_name
         if o_proj is not None:
-            self.o_proj = o_proj
+            setattr(self, o_name, o_proj)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         empty = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
-        if self.family == "bert":
+        if self.o_name not in self._modules:
             return empty, None
         cache = cache_argument(kwargs)
         if cache is not None:
             b, t = hidden_states.shape[:2]
             kv = hidden_states.new_zeros(b, 0, t, self.head_dim)
             cache.update(kv, kv.clone(), self.layer_idx)
-        return self.o_proj(empty), None
+        return getattr(self, self.o_name)(empty), None
 
 
-# T5 computes its relative position bias once, in the first block's self-attention (``relative_attention_bias``,
-# one column per head), and hands the (1, H, q, k) tensor to every later block; the decoder's first cross-attention
-# likewise creates a zero bias that later cross-attentions reuse. Once blocks keep different heads, each block needs
-# the rows of *its* heads, while the tensor handed on must stay over all H original heads. The two subclasses below
-# do that; they are installed by swapping the class of the existing module, so state-dict keys stay stock T5's.
-KEPT_HEADS_ATTR = "apt_kept_heads"  # original indices of the heads a T5 attention keeps (a tuple of ints)
-
-
-def _original_heads(module: T5Attention) -> int:
-    return int(module.config.num_heads)
-
-
-def _select_heads(module: nn.Module, bias: torch.Tensor) -> torch.Tensor:
-    """Rows of a bias over all original heads that belong to this module's kept heads."""
-    if bias.shape[1] == 1:  # broadcast bias
-        return bias
-    if bias.shape[1] != _original_heads(module):
-        raise ValueError(f"T5 position bias has {bias.shape[1]} heads; expected the model's "
-                         f"{_original_heads(module)} original heads (or 1).")
-    return bias.index_select(1, torch.tensor(getattr(module, KEPT_HEADS_ATTR), device=bias.device))
-
-
-class PrunedT5Attention(T5Attention):
-    """A ``T5Attention`` that keeps only the heads ``apt_kept_heads`` (original indices) of the model: it uses its
-    rows of an incoming (or self-computed, or created zero) position bias and hands the full bias on."""
-
-    def compute_bias(self, query_length, key_length, device=None, past_seen_tokens=0):
-        full = super().compute_bias(query_length, key_length, device=device, past_seen_tokens=past_seen_tokens)
-        self.__dict__["_apt_full_bias"] = full
-        return _select_heads(self, full)
-
-    def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, **kwargs):
-        incoming = position_bias
-        self.__dict__["_apt_full_bias"] = None
-        if incoming is not None:
-            position_bias = _select_heads(self, incoming)
-        try:
-            out, used, weights = super().forward(hidden_states, mask=mask, key_value_states=key_value_states,
-                                                 position_bias=position_bias, **kwargs)
-            if incoming is not None:
-                full = incoming
-            elif self.__dict__["_apt_full_bias"] is not None:
-                full = self.__dict__["_apt_full_bias"]
-            else:  # a zero bias created for this block's heads: hand on zeros over all original heads
-                full = used.new_zeros((used.shape[0], _original_heads(self), *used.shape[2:]))
-                full.requires_grad_(used.requires_grad)
-        finally:
-            self.__dict__["_apt_full_bias"] = None
-        return out, full, weights
-
-
-class EmptyT5Attention(T5Attention):
-    """A ``T5Attention`` with no heads left: outputs ``o`` of nothing (zeros), still provides the shared position
-    bias when it owns ``relative_attention_bias`` (or creates the zero cross-attention bias), and in a decoder
-    self-attention keeps its cache layer's length right (a one-element placeholder per position), which generation
-    and block 0's relative positions read."""
-
-    def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, **kwargs):
-        batch, q_len = hidden_states.shape[:2]
-        is_cross = key_value_states is not None
-        key_length = key_value_states.shape[1] if is_cross else q_len
-        past_seen = 0
-        cache = cache_argument(kwargs)
-        if cache is not None and not is_cross:
-            if isinstance(cache, EncoderDecoderCache):
-                cache = cache.self_attention_cache
-            past_seen = cache.get_seq_length(self.layer_idx)
-            placeholder = hidden_states.new_zeros(batch, 1, q_len, 1)
-            keys, _ = cache.update(placeholder, placeholder, self.layer_idx)
-            key_length = keys.shape[-2]
-        if position_bias is None:
-            if self.has_relative_attention_bias:
-                position_bias = self.compute_bias(q_len, key_length, device=hidden_states.device,
-                                                  past_seen_tokens=past_seen)
-            else:
-                position_bias = hidden_states.new_zeros((1, _original_heads(self), q_len, key_length))
-        out = self.o(hidden_states.new_zeros(*hidden_states.shape[:-1], 0))
-        return out, position_bias, None
-
-
-def t5_kept_heads(module: nn.Module) -> list[int]:
-    """Original head indices still present in a T5 attention core (all of them if it was never pruned)."""
-    if isinstance(module, EmptyT5Attention):
-        return []
-    kept = getattr(module, KEPT_HEADS_ATTR, None)
-    return list(range(int(module.n_heads))) if kept is None else list(kept)
-
-
-def set_heads(layout: Layout, i: int, num_heads: int, group_size: int = 1,
-              t5_kept: Optional[list[int]] = None) -> None:
-    """Make attention core ``i`` match projections that now hold ``num_heads`` query heads (``group_size`` per
-    key/value head; ``t5_kept``: their original indices in a T5 model); an empty attention gets its stand-in."""
+def empty_attention(layout: Layout, i: int, o_inside: bool) -> None:
+    """Replace attention core ``i`` by an :class:`EmptyAttention` (``o_inside``: the output projection is the
+    core's child and moves into the stand-in)."""
     site = layout.attentions[i]
-    core, dh = site.core, site.head_dim
-    if layout.family == "t5":
+    core = site.core
+    o_name = next((n for n, m in core.named_children() if m is site.o), "o_proj") if o_inside else "o_proj"
+    setattr(site.parent, site.core_name, EmptyAttention(site.o if o_inside else None, getattr(core, "layer_idx", None),
+                                                        site.head_dim, o_name))
+    site.q = site.k = site.v = None
+
+
+def heads_setter(count_attrs: tuple[str, ...] = (), width_attrs: tuple[str, ...] = (),
+                 group_attr: Optional[str] = None, o_inside: bool = True) -> SetHeads:
+    """A ``set_heads`` for attention cores that read their head counts from attributes: ``count_attrs`` get the
+    number of query heads, ``width_attrs`` heads x head_dim, ``group_attr`` the query heads per key/value head; an
+    emptied core becomes an :class:`EmptyAttention`."""
+
+    def set_heads(layout: Layout, i: int, num_heads: int, group_size: int = 1,
+                  original: Optional[list[int]] = None) -> None:
         if num_heads == 0:
-            for name in ("q", "k", "v"):
-                if name in core._modules:
-                    delattr(core, name)
-            core.__class__ = EmptyT5Attention
-        elif not isinstance(core, PrunedT5Attention):
-            core.__class__ = PrunedT5Attention
-        core.n_heads, core.inner_dim = num_heads, num_heads * dh
-        setattr(core, KEPT_HEADS_ATTR, tuple(int(h) for h in t5_kept))
-    elif num_heads == 0:
-        llama = layout.family == "llama"
-        setattr(site.parent, site.core_name, EmptyAttention(layout.family, site.o if llama else None,
-                                                            getattr(core, "layer_idx", None), dh))
-    elif layout.family == "bert":
-        core.num_attention_heads, core.all_head_size = num_heads, num_heads * dh
-    else:
-        core.num_key_value_groups = group_size
-    if num_heads == 0:
-        site.q = site.k = site.v = None
+            empty_attention(layout, i, o_inside)
+            return
+        core, dh = layout.attentions[i].core, layout.attentions[i].head_dim
+        for name in count_attrs:
+            setattr(core, name, num_heads)
+        for name in width_attrs:
+            setattr(core, name, num_heads * dh)
+        if group_attr is not None:
+            setattr(core, group_attr, group_size)
+
+    return set_heads
 
 
 # ---------------------------------------------------------------------------------------------- the record
-def check_record(record: Any, source: str = "the pruned-structure record") -> dict:
-    """Validate a record of kept sizes (types and format version; sizes are checked against the model by
-    :func:`shape_model`). Raises ``ValueError`` naming the problem."""
+def check_record(record: Any, spec: ArchSpec, source: str = "the pruned-structure record") -> dict:
+    """Validate a record of kept sizes of a model of ``spec``'s family (types and format version; sizes are checked
+    against the model by :func:`shape_model`). Raises ``ValueError`` naming the problem."""
     if not isinstance(record, dict):
         raise ValueError(f"{source} lacks {list(_REQUIRED)}: it is not a JSON object. The export is corrupted.")
     version = record.get("format_version")
@@ -390,13 +318,14 @@ def check_record(record: Any, source: str = "the pruned-structure record") -> di
     missing = [k for k in _REQUIRED if k not in record]
     if missing:
         raise ValueError(f"{source} lacks {missing}; the export is corrupted or incomplete.")
-    unknown = sorted(set(record) - set(_REQUIRED) - set(_OPTIONAL))
+    index_key = spec.head_index_key
+    unknown = sorted(set(record) - set(_REQUIRED) - {index_key})
     if unknown:
         raise ValueError(f"{source} has unknown keys {unknown} (format_version {version}); it was written by another "
                          "apt_hf release or edited. Export the model again.")
-    if record["family"] not in FAMILIES.values():
-        raise ValueError(f"{source} has family={record['family']!r}; expected one of "
-                         f"{sorted(set(FAMILIES.values()))}. The export is corrupted.")
+    if record["family"] != spec.family:
+        raise ValueError(f"{source} has family={record['family']!r}; config.json's model is of family "
+                         f"{spec.family!r}. The export is corrupted.")
 
     def count(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
@@ -411,13 +340,13 @@ def check_record(record: Any, source: str = "the pruned-structure record") -> di
     if len(record["kv_heads"]) != len(record["heads"]):
         raise ValueError(f"{source} lists {len(record['heads'])} heads entries but {len(record['kv_heads'])} "
                          "kv_heads entries; the export is corrupted.")
-    kept = record.get("t5_kept_heads")
-    if (record["family"] == "t5") != (kept is not None):
-        raise ValueError(f"{source} must hold t5_kept_heads exactly when family is 't5'; the export is corrupted.")
-    if kept is not None and (not isinstance(kept, list) or len(kept) != len(record["heads"]) or any(
-            not isinstance(k, list) or len(k) != n or len(set(k)) != n or not all(count(i) for i in k)
-            for k, n in zip(kept, record["heads"]))):
-        raise ValueError(f"{source} has t5_kept_heads that disagree with its head counts; the export is corrupted.")
+    if index_key is not None:
+        kept = record.get(index_key)
+        if not isinstance(kept, list) or len(kept) != len(record["heads"]) or any(
+                not isinstance(k, list) or len(k) != n or len(set(k)) != n or not all(count(i) for i in k)
+                for k, n in zip(kept, record["heads"])):
+            raise ValueError(f"{source} has {index_key}={kept!r}, which disagrees with its head counts (one list of "
+                             "distinct original head indices per attention); the export is corrupted.")
     return record
 
 
@@ -443,16 +372,17 @@ def _check_sizes(layout: Layout, record: dict) -> None:
                              "architecture cannot hold")
         if site.group_size == 1 and n_q != n_kv:
             raise _corrupted(f"asks for {n_q} query / {n_kv} key-value heads at multi-head attention {i}")
-        kept = record.get("t5_kept_heads")
-        if kept is not None and any(h >= site.num_heads for h in kept[i]):
-            raise _corrupted(f"has t5_kept_heads {kept[i]} at attention {i}, beyond its {site.num_heads} heads")
+        key = layout.spec.head_index_key
+        if key is not None and any(h >= site.num_heads for h in record[key][i]):
+            raise _corrupted(f"has {key} {record[key][i]} at attention {i}, beyond its {site.num_heads} heads")
 
 
-def shape_model(model: nn.Module, record: dict) -> None:
-    """Resize a freshly built full-size model to the kept sizes of ``record`` (spec G): empty parameters of the new
-    shapes (on the model's device, meta included) that the export's weights then fill; tied weights stay tied."""
-    check_record(record)
-    layout = layout_of(model, record["family"])
+def shape_model(model: nn.Module, record: dict, spec: ArchSpec) -> None:
+    """Resize a freshly built full-size model of ``spec``'s family to the kept sizes of ``record`` (spec G): empty
+    parameters of the new shapes (on the model's device, meta included) that the export's weights then fill; tied
+    weights stay tied."""
+    check_record(record, spec)
+    layout = spec.layout(model)
     _check_sizes(layout, record)
     d = record["hidden_size"]
     made: dict[int, nn.Parameter] = {}
@@ -489,9 +419,9 @@ def shape_model(model: nn.Module, record: dict) -> None:
             linear(site.q, n_q * dh, d)
             linear(site.k, n_kv * dh, d)
             linear(site.v, n_kv * dh, d)
-        t5_kept = record["t5_kept_heads"][i] if layout.family == "t5" else None
-        if n_q < full or (t5_kept is not None and t5_kept != list(range(full))):
-            set_heads(layout, i, n_q, n_q // n_kv if n_kv else 0, t5_kept)
+        original = record[layout.spec.head_index_key][i] if layout.spec.head_index_key else None
+        if n_q < full or (original is not None and original != list(range(full))):
+            layout.spec.set_heads(layout, i, n_q, n_q // n_kv if n_kv else 0, original)
     for ffn, n in zip(layout.ffns, record["neurons"]):
         linear(ffn.up, n, d)
         if ffn.gate is not None:
@@ -505,12 +435,14 @@ class PrunedModelMixin:
     ``from_pretrained`` refuses a checkpoint that would leave a weight of the pruned model missing or re-initialised
     (``ignore_mismatched_sizes=True`` may only re-initialise a task head, e.g. for a new number of labels)."""
 
+    apt_spec: ArchSpec  # the family of the stock class (set by each subclass)
+
     def post_init(self) -> None:
         record = getattr(self.config, RECORD_KEY, None)
         if record is None:
             raise ValueError(f"{type(self).__name__} builds a pruned model from config.{RECORD_KEY}, which this "
                              "config lacks; load a folder written by apt_hf.export_pruned.")
-        shape_model(self, record)
+        shape_model(self, record, self.apt_spec)
         super().post_init()
 
     @classmethod

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .runtime import heads_by_group, kv_heads_kept
+
 __all__ = ["search_kept", "fill_budget", "swap_to_budget", "CountFn"]
 
 CountFn = Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], float]
@@ -58,11 +60,11 @@ def _repair_gqa_layer(kept: torch.Tensor, rank: torch.Tensor, dens: torch.Tensor
     if group <= 1 or not bool(kept.any()):
         return kept
     n_groups = n_heads // group
-    kept_g = kept.view(n_groups, group)
+    kept_g = heads_by_group(kept, group)
     # Order each group's heads by global rank (kept heads first, best density first).
     big = torch.iinfo(rank.dtype).max
-    order = torch.argsort(torch.where(kept_g, rank.view(n_groups, group), big), dim=1, stable=True)
-    dens_sorted = torch.gather(torch.where(kept_g, dens.view(n_groups, group), 0.0), 1, order)
+    order = torch.argsort(torch.where(kept_g, heads_by_group(rank, group), big), dim=1, stable=True)
+    dens_sorted = torch.gather(torch.where(kept_g, heads_by_group(dens, group), 0.0), 1, order)
     top_sum = torch.cumsum(dens_sorted, dim=1)  # top_sum[g, c-1]: sum of the c best kept densities
     n_kept = kept_g.sum(dim=1)
 
@@ -278,14 +280,13 @@ def fill_budget(
         if g == 1:
             candidates += [(float(dens[j]), "h", l, j) for j in torch.nonzero(~t).flatten().tolist()]
             continue
-        groups = k.view(-1, g)
-        alive = torch.nonzero(groups.any(1)).flatten().tolist()
+        alive = torch.nonzero(kv_heads_kept(k, g)).flatten().tolist()
         if not alive:
             continue
         per_group = []
         for grp in alive:
-            free = torch.nonzero(~t.view(-1, g)[grp]).flatten()
-            order = free[torch.argsort(dens.view(-1, g)[grp][free], descending=True, stable=True)]
+            free = torch.nonzero(~heads_by_group(t, g)[grp]).flatten()
+            order = free[torch.argsort(heads_by_group(dens, g)[grp][free], descending=True, stable=True)]
             per_group.append([grp * g + int(j) for j in order])
         for r in range(min(len(p) for p in per_group)):
             rows[(l, r)] = [p[r] for p in per_group]

@@ -380,11 +380,9 @@ class APTTrainer(Trainer):
         pred = prediction_loss(logits_s, logits_t, cfg.distill_temperature, token_mask)
         alive = alive_layers(apt.layout, apt.masks)
         transform = getattr(apt, "apt_transform", None) or torch.nn.Identity()
-        if "main" in alive:
-            stacks = [(student.hidden_states[1:], teacher.hidden_states[1:], alive["main"], False)]
-        else:
-            stacks = [(student.encoder_hidden_states[1:], teacher.encoder_hidden_states[1:], alive["encoder"], True),
-                      (student.decoder_hidden_states[1:], teacher.decoder_hidden_states[1:], alive["decoder"], True)]
+        normalize = apt.layout.spec.distill_normalize
+        stacks = [(getattr(student, s.hidden_states)[1:], getattr(teacher, s.hidden_states)[1:], alive[s.name],
+                   normalize) for s in apt.layout.layer_stacks()]
         layer = pred.new_zeros(())
         generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)  # resumable
         for s_hidden, t_hidden, stack_alive, normalize in stacks:

@@ -8,6 +8,7 @@ from typing import Optional
 from .arch import Layout
 from .layer import APTLinear, ParamChange
 from .masks import APTMasks
+from .runtime import kv_heads_kept
 
 
 def live_widths(layers: dict[str, APTLinear], layout: Layout, masks: APTMasks) -> dict[str, int]:
@@ -22,8 +23,7 @@ def live_widths(layers: dict[str, APTLinear], layout: Layout, masks: APTMasks) -
     for i, site in enumerate(layout.attentions):
         alive = masks.heads[i] > 0
         q_width = int(alive.sum()) * site.head_dim
-        groups = alive.view(-1, site.group_size).any(1) if alive.numel() else alive
-        kv_width = int(groups.sum()) * site.head_dim
+        kv_width = int(kv_heads_kept(alive, site.group_size).sum()) * site.head_dim
         for module, width in ((site.q, (hidden, q_width)), (site.k, (hidden, kv_width)), (site.v, (hidden, kv_width)),
                               (site.o, (q_width, hidden))):
             if module is not None:

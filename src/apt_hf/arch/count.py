@@ -1,11 +1,4 @@
-"""Architecture descriptions: where heads, neurons and hidden dimensions live, and the spec B.3 count.
-
-``describe(model)`` unwraps a PEFT model and returns the :class:`~apt_hf.runtime.Layout` of the transformers model
-inside (``apt_hf.runtime.layout_of``, shared with exported models): every attention site, FFN site, hidden-dimension
-embedding, norm and task-head reader, with direct module references. Supported: BERT, RoBERTa, LLaMA-family (MHA
-and grouped-query attention: LLaMA, Mistral, Qwen2) and T5 (encoder self-attention, decoder self- and
-cross-attention, plain or gated FFN), and their exports pruned by apt_hf.
-"""
+"""The spec B.3 parameter count of a :class:`~apt_hf.runtime.Layout` (any family: it reads the layout's modules)."""
 
 from __future__ import annotations
 
@@ -15,41 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .runtime import FAMILIES, AttentionSite, FFNSite, Layout, base_linear, layout_of, stock_model_type
-
-__all__ = ["FAMILIES", "AttentionSite", "FFNSite", "Layout", "base_linear", "describe", "family_of", "CountModel",
-           "UnsupportedArchitectureError"]
-
-
-class UnsupportedArchitectureError(ValueError):
-    """The model is not one apt_hf knows how to prune."""
-
-
-def family_of(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    model_type = stock_model_type(getattr(config, "model_type", None))
-    if model_type not in FAMILIES:
-        raise UnsupportedArchitectureError(
-            f"apt_hf does not support model_type={model_type!r} ({type(model).__name__}). Supported: "
-            f"{', '.join(sorted(FAMILIES))}. Open an issue with the architecture you need."
-        )
-    return FAMILIES[model_type]
-
-
-def _hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel / PEFT tuner, or the model itself."""
-    from peft.tuners.tuners_utils import BaseTuner
-
-    if isinstance(model, BaseTuner):
-        return model.model
-    inner = getattr(model, "base_model", None)
-    return inner.model if isinstance(inner, BaseTuner) else model
-
-
-def describe(model: nn.Module) -> Layout:
-    """Return the :class:`Layout` of a transformers model (PEFT-wrapped or not)."""
-    hf = _hf_model(model)
-    return layout_of(hf, family_of(hf))
+from ..runtime import Layout, base_linear, kv_heads_kept
 
 
 # ---------------------------------------------------------------------------------------------- counting (B.3)
@@ -99,7 +58,7 @@ class CountModel:
         total = self.norm_per_dim * d
         for keep, dh, g, qb, ob in zip(heads, self.head_dim, self.group_size, self.qkv_bias, self.o_bias):
             h = int(keep.sum())
-            kv = h if g == 1 else int(keep.view(-1, g).any(1).sum()) if keep.numel() else 0
+            kv = h if g == 1 else int(kv_heads_kept(keep, g).sum())
             total += d * dh * (2 * h + 2 * kv) + qb * dh * (h + 2 * kv) + ob * d
         for keep, c, ib, db in zip(neurons, self.ffn_mats, self.ffn_in_bias, self.down_bias):
             n = int(keep.sum())
