@@ -29,9 +29,21 @@ KINDS: dict[str, tuple[str, str]] = {
     "llama_mha": ("LlamaForCausalLM", "CAUSAL_LM"),
     "llama_gqa": ("LlamaForCausalLM", "CAUSAL_LM"),
     "llama_cls": ("LlamaForSequenceClassification", "SEQ_CLS"),
+    "xlmr": ("XLMRobertaForSequenceClassification", "SEQ_CLS"),
+    "qwen3": ("Qwen3ForCausalLM", "CAUSAL_LM"),
+    "gemma2": ("Gemma2ForCausalLM", "CAUSAL_LM"),
+    "gemma3": ("Gemma3ForCausalLM", "CAUSAL_LM"),
 }
-# The four architectures every exactness test must cover.
-EXACT_KINDS = ("bert", "roberta", "llama_mha", "llama_gqa")
+# The architectures every exactness test must cover (one tiny model per registered model_type family variant).
+EXACT_KINDS = ("bert", "roberta", "llama_mha", "llama_gqa", "xlmr", "qwen3", "gemma2", "gemma3")
+# Decoder kinds whose generation must be exact too.
+DECODER_KINDS = ("llama_mha", "llama_gqa", "qwen3", "gemma2", "gemma3")
+EAGER_ONLY = ("gemma2",)  # transformers has no sdpa path for these (Gemma 2: attention soft-capping)
+
+
+def kinds_and_attentions(kinds: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``(kind, attn)`` pairs: eager for every kind, sdpa too where the family has it."""
+    return [(k, a) for k in kinds for a in ("eager", "sdpa") if a == "eager" or k not in EAGER_ONLY]
 
 
 class TokenTask(torch.utils.data.Dataset):
@@ -52,19 +64,32 @@ class TokenTask(torch.utils.data.Dataset):
 
 def make_config(kind: str, attn: str = "eager", **overrides) -> transformers.PretrainedConfig:
     """A tiny config of ``kind`` (see :data:`KINDS`); ``overrides`` replace any field."""
-    if kind in ("bert", "roberta"):
-        cls = transformers.BertConfig if kind == "bert" else transformers.RobertaConfig
+    if kind in ("bert", "roberta", "xlmr"):
+        cls = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
+               "xlmr": transformers.XLMRobertaConfig}[kind]
         fields = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                       intermediate_size=48, max_position_embeddings=40, num_labels=N_LABELS,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        if kind == "roberta":
+        if kind != "bert":
             fields.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    elif kind in ("llama_mha", "llama_gqa", "llama_cls"):
-        cls = transformers.LlamaConfig
+    elif kind in ("llama_mha", "llama_gqa", "llama_cls", "qwen3"):
+        cls = transformers.Qwen3Config if kind == "qwen3" else transformers.LlamaConfig
         fields = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=8,
-                      num_key_value_heads=2 if kind == "llama_gqa" else 8, intermediate_size=80,
+                      num_key_value_heads=2 if kind in ("llama_gqa", "qwen3") else 8, intermediate_size=80,
                       max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                       num_labels=N_LABELS, tie_word_embeddings=False)
+        if kind == "qwen3":  # per-head q_norm / k_norm over head_dim (shared by all heads)
+            fields.update(head_dim=8)
+    elif kind in ("gemma2", "gemma3"):
+        # tied embeddings, soft-capping, sliding-window layers (window 4 < SEQ_LEN), four (1 + w) norms per layer;
+        # gemma3: per-head q_norm / k_norm too
+        cls = transformers.Gemma2Config if kind == "gemma2" else transformers.Gemma3TextConfig
+        fields = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=8, intermediate_size=80, max_position_embeddings=64,
+                      query_pre_attn_scalar=8, sliding_window=4, attn_logit_softcapping=50.0,
+                      final_logit_softcapping=30.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      tie_word_embeddings=True,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     else:
         raise KeyError(f"unknown tiny model kind {kind!r}; pick one of {sorted(KINDS)}")
     fields.update(overrides)
@@ -78,6 +103,11 @@ def make_model(kind: str, attn: str = "eager", seed: int = 0, **overrides) -> tr
     config = make_config(kind, attn, **overrides)
     torch.manual_seed(seed)
     model = getattr(transformers, KINDS[kind][0])(config)
+    if kind.startswith("gemma"):  # Gemma norms start at w = 0 (scale 1 + w = 1): random w makes (1 + w) matter
+        with torch.no_grad():
+            for module in model.modules():
+                if type(module).__name__.endswith("RMSNorm"):
+                    module.weight.normal_(0.0, 0.3)
     return model.eval()
 
 
@@ -92,7 +122,7 @@ def make_inputs(kind: str, batch: int = 2, seq_len: int = SEQ_LEN, seed: int = 1
     mask = torch.ones(batch, seq_len, dtype=torch.long)
     if batch > 1:
         mask[-1, -2:] = 0
-        ids[-1, -2:] = 1 if kind == "roberta" else 0
+        ids[-1, -2:] = 1 if kind in ("roberta", "xlmr") else 0
     return {"input_ids": ids, "attention_mask": mask}
 
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import (EXACT_KINDS, logits, make_config, make_inputs, make_model, random_masks, randomize_adapters,
-                      task_type)
+from conftest import (DECODER_KINDS, EXACT_KINDS, kinds_and_attentions, logits, make_config, make_inputs, make_model,
+                      random_masks, randomize_adapters, task_type)
 
 import apt_hf
 from apt_hf.arch import CountModel, base_linear, describe
+from apt_hf.prune import gqa_closure
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TOL = 1e-4
@@ -85,8 +86,7 @@ def masked_model(kind: str, attn: str):
 EXPORT_KINDS = EXACT_KINDS
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("kind", EXPORT_KINDS)
+@pytest.mark.parametrize("kind,attn", kinds_and_attentions(EXPORT_KINDS))
 def test_export_is_exact(kind, attn, tmp_path):
     pm, inputs, ref, _ = masked_model(kind, attn)
     # (a) export_pruned equals the masked PEFT model; the training model is left untouched.
@@ -103,8 +103,7 @@ def test_export_is_exact(kind, attn, tmp_path):
     assert sum(p.numel() for p in loaded.parameters()) == n_exported
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("kind", ["llama_mha", "llama_gqa"])
+@pytest.mark.parametrize("kind,attn", kinds_and_attentions(DECODER_KINDS))
 def test_generation_with_an_emptied_layer_is_exact(kind, attn, tmp_path):
     """Greedy generation with a key/value cache: layer 0 (whose cache length sets the positions) lost every head."""
     pm, inputs, _, _ = masked_model(kind, attn)
@@ -122,8 +121,7 @@ def test_generation_with_an_emptied_layer_is_exact(kind, attn, tmp_path):
         assert max(float((a - b).abs().max()) for a, b in zip(out.logits, ref.logits)) <= TOL
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("kind", EXACT_KINDS)
+@pytest.mark.parametrize("kind,attn", kinds_and_attentions(EXACT_KINDS))
 def test_prune_in_place_is_exact(kind, attn):
     pm, inputs, ref, written = masked_model(kind, attn)
     apt = apt_hf.find_apt_model(pm)
@@ -410,6 +408,33 @@ def test_count_params_llama_gqa_is_exact():
     expected = apt_hf.count_params(pm)
     apt.prune_to_masks()
     assert apt_hf.count_params(pm) == true_main() == expected < apt.n_params
+
+
+def counted_numel(layout) -> int:
+    """The real number of parameters in the tensors spec B.3 counts: every attention projection, FFN matrix and
+    counted norm (weights and biases), read off the modules."""
+    mods = [m for s in layout.attentions for m in (s.q, s.k, s.v, s.o) if m is not None]
+    mods += [m for f in layout.ffns for m in (f.up, f.gate, f.down) if m is not None]
+    total = sum(t.numel() for m in mods for t in (base_linear(m).weight, base_linear(m).bias) if t is not None)
+    return total + sum(t.numel() for n in layout.counted_norms for t in (getattr(n, "weight", None),
+                                                                         getattr(n, "bias", None)) if t is not None)
+
+
+@pytest.mark.parametrize("kind", EXACT_KINDS)
+def test_count_params_is_the_real_count(kind):
+    """count_params equals the parameters the counted tensors really hold: dense, and after physical pruning of random
+    masks (a layer without heads, one without neurons, a quarter of the hidden dimensions)."""
+    pm = wrap(kind)
+    apt = apt_hf.find_apt_model(pm)
+    assert apt_hf.count_params(pm) == apt.n_params == counted_numel(apt.layout)
+    random_masks(pm, seed=4)
+    masks = apt_hf.get_masks(pm)
+    for i, site in enumerate(apt.layout.attentions):  # obey the grouped-query rule, as APT's search does: no padding
+        kept = gqa_closure(masks.heads[i] > 0, site.group_size)
+        masks.heads[i] = torch.zeros(masks.heads[i].numel()).index_fill_(0, kept, 1.0)
+    expected = apt_hf.count_params(pm)
+    apt.prune_to_masks()
+    assert apt_hf.count_params(pm) == counted_numel(apt.layout) == expected < apt.n_params
 
 
 def test_count_params_on_meta_device_needs_no_weights():

@@ -48,7 +48,13 @@ FAMILIES = {
     "mistral": ("MistralForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
     "qwen2": ("Qwen2ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
     "t5": ("T5ForConditionalGeneration", "SEQ_2_SEQ_LM", "AutoModelForSeq2SeqLM", None),
+    "xlmr": ("XLMRobertaForSequenceClassification", "SEQ_CLS", "AutoModelForSequenceClassification",
+             "text-classification"),
+    "qwen3": ("Qwen3ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
+    "gemma2": ("Gemma2ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
+    "gemma3": ("Gemma3ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
 }
+TIED = ("llama_tied", "t5", "gemma2", "gemma3")
 
 SCRIPT = r'''
 import json, sys
@@ -248,7 +254,7 @@ def test_stock_transformers_loads_the_pruned_model(stock, name):
     forward = torch.load(root / f"{name}.pt")["forward"]
     assert not results["apt_hf_imported"]
     assert got["class"] == "AptPruned" + FAMILIES[name][0] and FAMILIES[name][0] in got["stock_bases"]
-    assert got["tied"] == exp["tied"] == (name in ("llama_tied", "t5"))
+    assert got["tied"] == exp["tied"] == (name in TIED)
     assert (masked_logits(exp["logits"] - exp["masked"], forward)).abs().max() <= TOL  # load_pruned is exact
     assert (masked_logits(got["logits"] - exp["logits"], forward)).abs().max() <= TOL
     if "generation" in exp:
@@ -269,7 +275,8 @@ def test_stock_transformers_loads_the_pruned_model(stock, name):
     assert config["model_type"].startswith("apt_pruned_") and config["apt_pruned"]["heads"][0] == 0
     listed = json.loads((folder / STRUCTURE_FILE).read_text())["files"]
     assert {"modeling_apt_pruned.py", "apt_pruned_runtime.py", "README.md", "tokenizer.json"} <= set(listed)
-    for code in ("modeling_apt_pruned.py", "apt_pruned_runtime.py"):
+    arch_file = next(f for f in listed if f.startswith("apt_arch_"))  # the family's module of apt_hf.arch
+    for code in ("modeling_apt_pruned.py", "apt_pruned_runtime.py", arch_file):
         assert not re.search(r"^\s*(import|from)\s+apt_hf", (folder / code).read_text(), re.M)
 
 

@@ -1,0 +1,51 @@
+"""Gemma decoders: Gemma 2 and Gemma 3 text (spec A.2, A.4, B.3; grouped-query attention).
+
+Like LLaMA (q/k/v/o_proj inside ``self_attn``, gated ``mlp``), with four RMSNorms per layer: ``input_layernorm``
+before and ``post_attention_layernorm`` after the attention, ``pre_feedforward_layernorm`` before and
+``post_feedforward_layernorm`` after the FFN; the residual sums are the inputs of ``pre_feedforward_layernorm`` and of
+the next layer's ``input_layernorm`` (or ``model.norm``). Every Gemma RMSNorm scales by ``1 + w`` (norm kind
+``rms_one_plus``), so a masked norm computes ``y * (1 + w)`` over the kept dimensions. The embedding is scaled by
+``sqrt(config.hidden_size)``, a constant of the unpruned config that pruning leaves alone; attention and final-logit
+soft-capping and sliding-window layers read nothing pruning changes. Gemma 3's per-head ``q_norm`` / ``k_norm``
+normalise over ``head_dim`` with one weight shared by all heads, so removing heads slices nothing there.
+
+Shipped with every export of this family (as ``apt_arch_gemma.py``): imports only torch, transformers and the runtime.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..runtime import ArchSpec, AttentionSite, FFNSite, Layout, find_readers, heads_setter
+
+
+def layout(hf: nn.Module) -> Layout:
+    core, config = hf.base_model, hf.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attns, ffns, norms, att_sums, inputs = [], [], [], [], []
+    for layer in core.layers:
+        sa = layer.self_attn
+        q, k, v = (getattr(sa, n, None) for n in ("q_proj", "k_proj", "v_proj"))
+        attns.append(AttentionSite(layer, "self_attn", q, k, v, sa.o_proj, head_dim, "self"))
+        ffns.append(FFNSite(layer.mlp.up_proj, layer.mlp.gate_proj, layer.mlp.down_proj))
+        norms += [layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+                  layer.post_feedforward_layernorm]
+        att_sums.append((layer.pre_feedforward_layernorm, "in"))
+        inputs.append(layer.input_layernorm)
+    norms.append(core.norm)
+    return Layout(SPEC, core.embed_tokens.embedding_dim, attns, ffns, [core.embed_tokens], [core.embed_tokens],
+                  norms, norms, find_readers(hf, SPEC.readers),
+                  attention_sums=att_sums, ffn_sums=[(n, "in") for n in inputs[1:] + [core.norm]])
+
+
+SPEC = ArchSpec(
+    family="gemma",
+    model_types=("gemma2", "gemma3_text"),
+    layout=layout,
+    set_heads=heads_setter(group_attr="num_key_value_groups"),
+    target_modules=("q_proj", "v_proj"),
+    readers=("lm_head", "score", "qa_outputs"),
+    norm="rms_one_plus",
+    kurtosis=True,
+)
+SPECS = (SPEC,)
