@@ -33,9 +33,10 @@ KINDS: dict[str, tuple[str, str]] = {
     "qwen3": ("Qwen3ForCausalLM", "CAUSAL_LM"),
     "gemma2": ("Gemma2ForCausalLM", "CAUSAL_LM"),
     "gemma3": ("Gemma3ForCausalLM", "CAUSAL_LM"),
+    "distilbert": ("DistilBertForSequenceClassification", "SEQ_CLS"),
 }
 # The architectures every exactness test must cover (one tiny model per registered model_type family variant).
-EXACT_KINDS = ("bert", "roberta", "llama_mha", "llama_gqa", "xlmr", "qwen3", "gemma2", "gemma3")
+EXACT_KINDS = ("bert", "roberta", "llama_mha", "llama_gqa", "xlmr", "qwen3", "gemma2", "gemma3", "distilbert")
 # Decoder kinds whose generation must be exact too.
 DECODER_KINDS = ("llama_mha", "llama_gqa", "qwen3", "gemma2", "gemma3")
 EAGER_ONLY = ("gemma2",)  # transformers has no sdpa path for these (Gemma 2: attention soft-capping)
@@ -90,6 +91,10 @@ def make_config(kind: str, attn: str = "eager", **overrides) -> transformers.Pre
                       final_logit_softcapping=30.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                       tie_word_embeddings=True,
                       layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    elif kind == "distilbert":
+        cls = transformers.DistilBertConfig
+        fields = dict(vocab_size=VOCAB, dim=32, n_layers=3, n_heads=4, hidden_dim=48, max_position_embeddings=40,
+                      num_labels=N_LABELS, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
     else:
         raise KeyError(f"unknown tiny model kind {kind!r}; pick one of {sorted(KINDS)}")
     fields.update(overrides)

@@ -20,14 +20,16 @@ from apt_hf.remote import arch_file, shipped_arch_source
 
 # kind -> sequence-classification class of the same config (TokenTask is a classification task)
 SEQ_CLS = {"xlmr": "XLMRobertaForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
-           "gemma2": "Gemma2ForSequenceClassification", "gemma3": "Gemma3TextForSequenceClassification"}
+           "gemma2": "Gemma2ForSequenceClassification", "gemma3": "Gemma3TextForSequenceClassification",
+           "distilbert": "DistilBertForSequenceClassification"}
 TARGET = 0.4
 
 
 def classifier(kind: str) -> transformers.PreTrainedModel:
     """The kind's tiny config with a wider FFN: with few, coarse blocks (a GQA head row is ~3 % of this model) the
     last event can only land within 1 % if fine-grained blocks (neurons) remain to fill the gap."""
-    config = make_config(kind, num_labels=2, intermediate_size=160)
+    wide = {"hidden_dim": 160} if kind == "distilbert" else {"intermediate_size": 160}
+    config = make_config(kind, num_labels=2, **wide)
     torch.manual_seed(0)
     return getattr(transformers, SEQ_CLS[kind])(config)
 

@@ -53,6 +53,8 @@ FAMILIES = {
     "qwen3": ("Qwen3ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
     "gemma2": ("Gemma2ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
     "gemma3": ("Gemma3ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
+    "distilbert": ("DistilBertForSequenceClassification", "SEQ_CLS", "AutoModelForSequenceClassification",
+                   "text-classification"),
 }
 TIED = ("llama_tied", "t5", "gemma2", "gemma3")
 
