@@ -210,12 +210,13 @@ class Teacher(ParamSnapshot):
         return {n: params[n].detach() for n in self.names}
 
     def structure(self) -> Optional[dict[str, torch.Tensor]]:
-        """The detached copy's record of kept original positions (``kept_*`` mask buffers); ``None`` if attached."""
+        """The detached copy's mask buffers (its record of kept original positions, ``kept_*``, with the masks that
+        record is checked against); ``None`` if attached."""
         from .model import find_apt_model  # (model.py imports this module)
 
         if self.model is None:
             return None
-        return {k: v.clone() for k, v in find_apt_model(self.model).masks.state_dict().items() if k.startswith("kept_")}
+        return {k: v.clone() for k, v in find_apt_model(self.model).masks.state_dict().items()}
 
     def rebuild(self, root: nn.Module, structure: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
         """Re-create a detached teacher when training resumes: copy ``root`` (still the unpruned model), prune the
