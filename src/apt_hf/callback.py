@@ -30,6 +30,7 @@ from . import distributed
 from .config import APTConfig
 from .model import APTModel, find_apt_model
 from .optim import apply_param_changes, drop_params
+from .pretune import calibration_batches, gather_static_salience
 from .prune import kept_after
 from .salience import ImportanceTracker, SalienceCollector
 from .schedule import adapter_budget, decay_window_start, mask_step, pruning_event_steps, target_density
@@ -50,10 +51,15 @@ class Plan:
     events: tuple[int, ...]
     windows: tuple[int, ...]  # first step of the mask-decay window before each event
     final_density: float
+    initial_density: float = 1.0  # below 1 after pre-tuning pruning (spec D.6)
 
     def target(self, step: int) -> float:
         return target_density(step, start=self.start, end=self.end, warmup_steps=self.warmup,
-                              final_density=self.final_density)
+                              final_density=self.final_density, initial_density=self.initial_density)
+
+    def prunes(self, step: int) -> bool:
+        """Whether the event at ``step`` prunes: its target is below the density training starts from."""
+        return self.target(step) < self.initial_density
 
 
 def _steps(value: float, total: int) -> int:
@@ -78,7 +84,8 @@ def resolve_plan(cfg: APTConfig, max_steps: int) -> Plan:
     events = tuple(pruning_event_steps(start, end, cfg.num_pruning_events))
     windows = tuple(decay_window_start(e, events[i - 1] if i else None, cfg.mask_decay_window, start)
                     for i, e in enumerate(events))
-    return Plan(start, end, warmup, events, windows, 1.0 - cfg.target_sparsity)
+    final = 1.0 - cfg.target_sparsity
+    return Plan(start, end, warmup, events, windows, final, max(final, cfg.pretune_density))
 
 
 class APTCallback(TrainerCallback):
@@ -128,10 +135,40 @@ class APTCallback(TrainerCallback):
         restored = self._restored or self._find_checkpoint_state(args, state)
         if restored is not None:
             self.load_state_dict(restored)
+        elif cfg.adaptive_pruning and self.plan.initial_density < 1.0:
+            self._pretune(args, model, optimizer, kwargs.get("train_dataloader"))
         logger.info("APT schedule: events at %s, windows from %s, final density %.3f", list(self.plan.events),
                     list(self.plan.windows), self.plan.final_density)
         self._pending.update(self.stats())
         return control
+
+    def _pretune(self, args, model, optimizer, train_dataloader) -> None:
+        """Spec D.6: static salience over ``pretune_batches`` random training batches, one hard search at
+        ``pretune_density``, physical removal; the EMA of training then starts afresh on the pruned model."""
+        cfg, apt = self.config, self.apt
+        if train_dataloader is None:
+            raise ValueError("APTConfig.pretune_density < 1 needs the training dataloader at train start; use a "
+                             "transformers Trainer (or APTTrainer) with a train_dataset.")
+        batches = calibration_batches(train_dataloader.dataset, train_dataloader.collate_fn,
+                                      args.per_device_train_batch_size, cfg.pretune_batches, args.seed,
+                                      train_dataloader)
+        collector = self.collector
+        counted = gather_static_salience(model, collector, batches, args.device)
+        if counted == 0:
+            raise ValueError("Pre-tuning pruning got no usable calibration batch (empty dataset, or every loss "
+                             "gradient was not finite).")
+        before = list(apt.parameters())
+        self._move_masks(self.plan.initial_density, hard=True)
+        changes = self._remove_masked()
+        self._commit(optimizer, before, changes)
+        self.collector = SalienceCollector(apt.layout, cfg.salience_beta, collector.use_kurtosis)
+        self.initial_adapter_size = adapter_size(apt.apt_layers(), self.adapter_name)
+        stats = self.stats()
+        self._pending.update(stats, **{"apt/pretune_batches": counted})
+        logger.warning("APT pre-tuning pruning (static salience over %d batches): target density %.4f, kept %.4f (%d "
+                       "params), heads %d, neurons %d, hidden %d", counted, self.plan.initial_density,
+                       stats["apt/density"], stats["apt/params"], stats["apt/heads"], stats["apt/neurons"],
+                       stats["apt/hidden"])
 
     def _collecting(self, step: int) -> bool:
         """Salience/importance are gathered from the window start until the last event (spec C.2)."""
@@ -170,7 +207,7 @@ class APTCallback(TrainerCallback):
             return control
         event = self.plan.events[k]
         target = self.plan.target(event)
-        prune_now = self.config.adaptive_pruning and target < 1.0
+        prune_now = self.config.adaptive_pruning and self.plan.prunes(event)
         if prune_now and self.plan.windows[k] <= step < event:
             self._move_masks(target, hard=False)
         if step == event:

@@ -54,6 +54,12 @@ def column_kurtosis(weight: torch.Tensor, mean_input: torch.Tensor) -> torch.Ten
     return excess_kurtosis((weight.float() * mean_input.float()).t())
 
 
+def row_kurtosis(weight: torch.Tensor, mean_input: torch.Tensor) -> torch.Tensor:
+    """Kurtosis of each output row ``i`` of ``O = W[i, :] * x_bar`` over the input axis: the hidden-dimension term
+    of a projection that writes the residual stream (spec C.2, LLaMA scorer)."""
+    return excess_kurtosis(weight.float() * mean_input.float())
+
+
 # ---------------------------------------------------------------------------------------------- collector
 class SalienceCollector:
     """Hooks that gather block salience for one :class:`~apt_hf.arch.Layout` (spec C.2).
@@ -61,11 +67,16 @@ class SalienceCollector:
     Probe points: the input of each attention output projection (heads), the input of each FFN down projection
     (neurons), and for hidden dimensions the input of every attention q projection and FFN up projection plus the
     final norm output, summed. Call :meth:`end_step` once per optimizer step (after backward, before the
-    optimizer step): it folds the step's scores into the EMA unless they are not finite.
+    optimizer step): it folds the step's scores into the EMA unless they are not finite. With ``static = True``
+    (pre-tuning pruning, spec D.6) the scores are summed instead.
+
+    With ``use_kurtosis`` the outlier term ``sqrt(max(K, 0))`` is added per step: per head and per neuron from the
+    output / down projection, and per hidden dimension summed over every output and down projection (spec C.2).
     """
 
     def __init__(self, layout: Layout, beta: float, use_kurtosis: bool) -> None:
         self.layout, self.beta, self.use_kurtosis = layout, beta, use_kurtosis
+        self.static = False
         self.ema_heads = [torch.zeros(s.num_heads) for s in layout.attentions]
         self.ema_neurons = [torch.zeros(f.num_neurons) for f in layout.ffns]
         self.ema_hidden = torch.zeros(layout.hidden_size if not layout.hidden_writers
@@ -139,17 +150,24 @@ class SalienceCollector:
         bucket[i] = score if bucket[i] is None else bucket[i] + score
 
     # -- per optimizer step
-    def _kurtosis_terms(self) -> tuple[list[Optional[torch.Tensor]], list[Optional[torch.Tensor]]]:
-        heads, neurons = [], []
+    def _kurtosis_terms(self) -> tuple[list[Optional[torch.Tensor]], list[Optional[torch.Tensor]],
+                                       Optional[torch.Tensor]]:
+        heads, neurons, hidden = [], [], None
         with torch.no_grad():
             for site, mean in zip(self.layout.attentions, self.mean_context):
+                w = base_linear(site.o).weight
                 heads.append(None if mean is None else outlier_term(
-                    head_kurtosis(base_linear(site.o).weight, mean.to(base_linear(site.o).weight.device),
-                                  site.head_dim)).cpu())
+                    head_kurtosis(w, mean.to(w.device), site.head_dim)).cpu())
+                if mean is not None:
+                    term = outlier_term(row_kurtosis(w, mean.to(w.device))).cpu()
+                    hidden = term if hidden is None else hidden + term
             for site, mean in zip(self.layout.ffns, self.mean_inter):
                 w = base_linear(site.down).weight
                 neurons.append(None if mean is None else outlier_term(column_kurtosis(w, mean.to(w.device))).cpu())
-        return heads, neurons
+                if mean is not None:
+                    term = outlier_term(row_kurtosis(w, mean.to(w.device))).cpu()
+                    hidden = term if hidden is None else hidden + term
+        return heads, neurons, hidden
 
     def _reduce_over_processes(self) -> None:
         """Replace this step's scores (and kurtosis mean activations) by their mean over processes (one collective;
@@ -185,17 +203,21 @@ class SalienceCollector:
         if not all(bool(torch.isfinite(t).all()) for t in parts):
             self._reset_step()
             return False
-        k_heads, k_neurons = self._kurtosis_terms() if self.use_kurtosis else ([None] * len(self.step_heads),
-                                                                              [None] * len(self.step_neurons))
+        k_heads, k_neurons, k_hidden = self._kurtosis_terms() if self.use_kurtosis else (
+            [None] * len(self.step_heads), [None] * len(self.step_neurons), None)
+
+        def fold(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+            return previous + current if self.static else ema(previous, current, self.beta)
+
         for i, s in enumerate(self.step_heads):
             if s is not None and s.shape == self.ema_heads[i].shape:
-                self.ema_heads[i] = ema(self.ema_heads[i], s + (k_heads[i] if k_heads[i] is not None else 0), self.beta)
+                self.ema_heads[i] = fold(self.ema_heads[i], s + (k_heads[i] if k_heads[i] is not None else 0))
         for i, s in enumerate(self.step_neurons):
             if s is not None and s.shape == self.ema_neurons[i].shape:
-                self.ema_neurons[i] = ema(self.ema_neurons[i], s + (k_neurons[i] if k_neurons[i] is not None else 0),
-                                          self.beta)
+                self.ema_neurons[i] = fold(self.ema_neurons[i], s + (k_neurons[i] if k_neurons[i] is not None else 0))
         if self.step_hidden is not None and self.step_hidden.shape == self.ema_hidden.shape:
-            self.ema_hidden = ema(self.ema_hidden, self.step_hidden, self.beta)
+            term = k_hidden if k_hidden is not None and k_hidden.shape == self.ema_hidden.shape else 0
+            self.ema_hidden = fold(self.ema_hidden, self.step_hidden + term)
         self._reset_step()
         return True
 

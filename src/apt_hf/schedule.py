@@ -63,17 +63,20 @@ def pruning_event_steps(start: int, end: int, num_events: int) -> list[int]:
     return [start + (k * span) // num_events for k in range(1, num_events + 1)]
 
 
-def target_density(step: int, *, start: int, end: int, warmup_steps: int, final_density: float) -> float:
-    """Target density (fraction of parameters kept) at ``step`` (spec D.2, J.1).
+def target_density(step: int, *, start: int, end: int, warmup_steps: int, final_density: float,
+                   initial_density: float = 1.0) -> float:
+    """Target density (fraction of parameters kept) at ``step`` (spec D.2, J.1, D.6).
 
-    ``rho(t) = min(1, rho_T + (1 - rho_T) * ((end - t) / (end - t_w)) ** 3)`` with
-    ``t_w = start + warmup_steps``.  Returns exactly ``1.0`` for ``step <= t_w`` (the
-    warm-up plateau) and exactly ``final_density`` for ``step >= end``.
+    ``rho(t) = min(rho_0, rho_T + (rho_0 - rho_T) * ((end - t) / (end - t_w)) ** 3)`` with
+    ``t_w = start + warmup_steps``.  Returns exactly ``initial_density`` (``rho_0``) for ``step <= t_w``
+    (the warm-up plateau) and exactly ``final_density`` for ``step >= end``.  ``rho_0`` is 1, or the
+    density reached by pre-tuning pruning (spec D.6: the cubic schedule then starts from it).
 
     Raises:
         ValueError: if ``start < 0``, ``warmup_steps < 0``, ``final_density`` is not in
-            ``(0, 1]``, or ``end <= start + warmup_steps`` (the warm-up would swallow the
-            whole pruning window, leaving no step at which density can decrease).
+            ``(0, 1]``, ``initial_density`` is not in ``[final_density, 1]``, or
+            ``end <= start + warmup_steps`` (the warm-up would swallow the whole pruning
+            window, leaving no step at which density can decrease).
     """
     if start < 0:
         raise ValueError(f"start must be >= 0 (got {start}); pass the first step of the pruning window.")
@@ -84,6 +87,11 @@ def target_density(step: int, *, start: int, end: int, warmup_steps: int, final_
             f"final_density must be in (0, 1] (got {final_density}); it is the fraction of "
             "parameters KEPT, e.g. 0.4 for 60% sparsity."
         )
+    if not final_density - 1e-9 <= initial_density <= 1.0:
+        raise ValueError(
+            f"initial_density must be in [final_density, 1] (got {initial_density} with final_density "
+            f"{final_density}); pre-tuning pruning cannot go below the final target."
+        )
     t_w = start + warmup_steps
     if end <= t_w:
         raise ValueError(
@@ -91,11 +99,11 @@ def target_density(step: int, *, start: int, end: int, warmup_steps: int, final_
             "shorten the sparsity warm-up or extend the pruning window."
         )
     if step <= t_w:
-        return 1.0
+        return float(initial_density)
     if step >= end:
         return float(final_density)
     remaining = (end - step) / (end - t_w)
-    return min(1.0, final_density + (1.0 - final_density) * remaining**3)
+    return min(initial_density, final_density + max(0.0, initial_density - final_density) * remaining**3)
 
 
 def adapter_budget(step: int, *, start: int, end: int, initial: int, ratio: float) -> int:

@@ -61,7 +61,7 @@ class DistillCallback(TrainerCallback):
         self.enabled = bool(cfg.distillation and cfg.adaptive_pruning)
         if not self.enabled:
             return control
-        real = [k for k, e in enumerate(plan.events) if plan.target(e) < 1]
+        real = [k for k, e in enumerate(plan.events) if plan.prunes(e)]
         if not real:  # e.g. target_sparsity=0: nothing is pruned, so there is no distillation phase (spec F.2)
             logger.warning("APT distillation skipped: no pruning event has a target density below 1.")
             self.enabled = False
