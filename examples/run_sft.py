@@ -123,6 +123,8 @@ class MethodArguments:
     eval_tasks: str = field(default="", metadata={"help": "Score the exported model with apt_hf.llm_eval: 'paper', "
                                                         "'all' or task names (empty: skip)."})
     eval_limit: Optional[int] = field(default=None, metadata={"help": "First N examples per task (per MMLU subject)."})
+    eval_task_limits: str = field(default="", metadata={"help": "Per-task limits overriding --eval_limit, e.g. "
+                                                                "mmlu=2."})
     eval_data_dir: Optional[str] = field(default=None, metadata={"help": "apt_hf.llm_eval data folder."})
     speed_new_tokens: int = field(default=32, metadata={"help": "Generated tokens per timed generation; 0 skips "
                                                                 "the throughput measurement."})
@@ -268,9 +270,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if method_args.speed_new_tokens and (not speed_sizes or min(speed_sizes) < 1):
             raise InputError(f"--speed_batch_sizes {method_args.speed_batch_sizes!r} must list positive batch sizes")
         if method_args.eval_tasks:
-            from apt_hf.llm_eval import resolve_tasks
+            from apt_hf.llm_eval import parse_task_limits, resolve_tasks
 
-            resolve_tasks(method_args.eval_tasks)
+            eval_limits = {**{n: method_args.eval_limit for n in resolve_tasks(method_args.eval_tasks)},
+                           **parse_task_limits(method_args.eval_task_limits)}
     except (InstructDataError, InputError, EvalDataError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
@@ -351,7 +354,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                                     training_args.per_device_eval_batch_size)["perplexity"]
         if method_args.eval_tasks:
             summary["llm_eval"] = evaluate(exported, tokenizer, method_args.eval_tasks, method_args.eval_data_dir,
-                                           method_args.eval_limit, log=logger.warning)
+                                           eval_limits, log=logger.warning)
         if method_args.speed_new_tokens:
             dense = AutoModelForCausalLM.from_pretrained(model_path).eval()
             prompts = speed_prompts(tokenizer, eval_records)

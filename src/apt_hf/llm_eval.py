@@ -342,19 +342,36 @@ def response_perplexity(model: torch.nn.Module, tokenizer, records: Sequence[dic
             "tokens": count, "n": len(examples)}
 
 
+def parse_task_limits(text: str) -> dict[str, int]:
+    """``"mmlu=2,hellaswag=50"`` -> ``{"mmlu": 2, "hellaswag": 50}`` (per-task overrides of ``limit``)."""
+    out = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, value = part.partition("=")
+        if name not in TASKS or not value.isdigit() or int(value) < 1:
+            raise EvalDataError(f"task limit {part!r} is not <task>=<positive number> with a task of "
+                                f"{', '.join(TASKS)}")
+        out[name] = int(value)
+    return out
+
+
 def evaluate(model: torch.nn.Module, tokenizer, tasks: Union[str, Sequence[str]] = "paper",
-             data_dir: Optional[Union[str, os.PathLike]] = None, limit: Optional[int] = None, num_fewshot: int = 0,
+             data_dir: Optional[Union[str, os.PathLike]] = None, limit: Optional[Union[int, dict[str, int]]] = None,
+             num_fewshot: int = 0,
              batch_size: int = 8, max_length: int = 2048, perplexity_records: Optional[Sequence[dict]] = None,
-             log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Every requested task, plus the paper's average (when all four of its tasks ran) and, with
-    ``perplexity_records``, the response perplexity. Returns ``{"tasks": {...}, "average": ..., ...}``."""
+             perplexity_max_length: Optional[int] = None, log: Callable[[str], None] = lambda s: None
+             ) -> dict[str, Any]:
+    """Every requested task (``limit``: first N examples, or a dict of per-task limits), plus the paper's average
+    (when all four of its tasks ran) and, with
+    ``perplexity_records``, the response perplexity (records cut to ``perplexity_max_length`` tokens, default
+    ``max_length``, as in training). Returns ``{"tasks": {...}, "average": ..., ...}``."""
     names = resolve_tasks(tasks)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     if data_dir is None or not data_dir.is_dir():
         raise EvalDataError(f"evaluation data folder not found ({data_dir}); pass --data_dir or set ${EVAL_DIR_ENV}")
     results: dict[str, Any] = {"tasks": {}, "limit": limit, "num_fewshot": num_fewshot}
     for name in names:
-        results["tasks"][name] = evaluate_task(model, tokenizer, name, data_dir, limit, num_fewshot, batch_size,
+        task_limit = limit.get(name) if isinstance(limit, dict) else limit
+        results["tasks"][name] = evaluate_task(model, tokenizer, name, data_dir, task_limit, num_fewshot, batch_size,
                                                max_length)
         log(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in results["tasks"][name].items() if k != "n"))
     if all(t in results["tasks"] for t in PAPER_TASKS):
@@ -363,7 +380,8 @@ def evaluate(model: torch.nn.Module, tokenizer, tasks: Union[str, Sequence[str]]
         results["average"] = sum(picked) / len(picked)
         results["average_chance"] = sum(chance) / len(chance)
     if perplexity_records:
-        results["perplexity"] = response_perplexity(model, tokenizer, perplexity_records, max_length, batch_size)
+        results["perplexity"] = response_perplexity(model, tokenizer, perplexity_records,
+                                                    perplexity_max_length or max_length, batch_size)
         log(f"response perplexity: {results['perplexity']['perplexity']:.3f}")
     return results
 
@@ -403,12 +421,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--data_dir", default=None, help=f"evaluation data folder (default ${EVAL_DIR_ENV} or "
                                                          "../shared/data/eval of a source checkout)")
     parser.add_argument("--limit", type=int, default=None, help="first N examples per task (per subject for mmlu)")
+    parser.add_argument("--task_limits", default="", help="per-task limits overriding --limit, e.g. mmlu=2")
     parser.add_argument("--num_fewshot", type=int, default=0, help="solved dev examples before each mmlu question")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=2048, help="context tokens kept (cut from the left)")
     parser.add_argument("--perplexity_data", help="Alpaca-format JSON for response perplexity (held-out rows)")
     parser.add_argument("--perplexity_from", type=int, default=0, help="first record of --perplexity_data to use")
     parser.add_argument("--perplexity_limit", type=int, default=None, help="records of --perplexity_data to use")
+    parser.add_argument("--perplexity_max_length", type=int, default=None,
+                        help="tokens per perplexity record (default --max_length; use the training cut)")
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args(argv)
     try:
@@ -429,11 +450,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                     f"{args.perplexity_data}")
         if args.limit is not None and args.limit < 1:
             raise EvalDataError("--limit must be a positive number of examples")
+        limits = {**{n: args.limit for n in names}, **parse_task_limits(args.task_limits)}
         model, tokenizer = load_for_eval(args.model, args.adapter, args.tokenizer)
     except (EvalDataError, OSError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    results = evaluate(model, tokenizer, names, data_dir, args.limit, args.num_fewshot, args.batch_size,
-                       args.max_length, records, log=print)
+    results = evaluate(model, tokenizer, names, data_dir, limits, args.num_fewshot, args.batch_size,
+                       args.max_length, records, args.perplexity_max_length, log=print)
     results["model"], results["adapter"] = str(args.model), args.adapter
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
