@@ -91,7 +91,8 @@ def run_dense(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                                          check=True).stdout.strip()
     n_records = len(json.loads(Path(args.train_file).read_text()))
     cmd = [sys.executable, "-m", "apt_hf.llm_eval", "--model", model, "--tasks", args.eval_tasks,
-           "--limit", str(args.eval_limit), "--task_limits", f"mmlu={args.mmlu_limit}", "--data_dir", args.eval_dir, "--perplexity_data", args.train_file,
+           "--limit", str(args.eval_limit), "--task_limits", f"mmlu={args.mmlu_limit}", "--data_dir", args.eval_dir,
+           "--perplexity_data", args.train_file,
            "--perplexity_from", str(n_records - args.heldout_rows), "--perplexity_max_length", str(args.max_length),
            "--output", str(out / "dense_eval.json")]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True)

@@ -67,7 +67,8 @@ from apt_hf.callback import resolve_plan  # noqa: E402
 from apt_hf.instruct import InstructDataError, load_instructions, tokenize_example  # noqa: E402
 from apt_hf.llm_eval import EvalDataError, evaluate, response_perplexity  # noqa: E402
 from apt_hf.offline_models import MissingCheckpointError, smollm2_path  # noqa: E402
-from run_glue import APTArguments, EvalClock, InputError, build_apt_config, main_param_count, optimizer_steps  # noqa: E402
+from run_glue import (APTArguments, EvalClock, InputError, build_apt_config, main_param_count,  # noqa: E402
+                      optimizer_steps)
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ class DataArguments:
     heldout_rows: int = field(default=50, metadata={"help": "The last N records are held out for evaluation."})
     max_seq_length: int = field(default=512, metadata={"help": "Examples are cut to this many tokens."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Train on the first N records only."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate on the first N held-out records."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={
+        "help": "Evaluate on the first N held-out records."})
 
 
 @dataclass

@@ -113,7 +113,8 @@ class APTSeq2SeqTrainer(apt_hf.APTTrainer, Seq2SeqTrainer):
 
 # ---------------------------------------------------------------------------------------------------- data
 def load_rows(path: str, text_column: str, summary_column: str) -> list[dict[str, Any]]:
-    """Records ``{"source", "references"}`` of a JSON Lines / JSON list file; problems name the file, line and column."""
+    """Records ``{"source", "references"}`` of a JSON Lines / JSON list file; problems name the file, record and
+    column."""
     file = Path(path)
     if not file.is_file():
         raise InputError(f"data file not found: {file}")

@@ -88,7 +88,8 @@ def test_qa_distillation_uses_start_and_end_kl(kind, tmp_path):
             t_out = pm(**batch, output_hidden_states=True)
         s_out = pm(**batch, output_hidden_states=True)
     pred, _ = tr._distill_losses(s_out, t_out, batch, apt, apt.peft_config["default"])
-    want = T * T * (kl(t_out.start_logits, s_out.start_logits).mean() + kl(t_out.end_logits, s_out.end_logits).mean()) / 2
+    want = T * T * (kl(t_out.start_logits, s_out.start_logits).mean()
+                    + kl(t_out.end_logits, s_out.end_logits).mean()) / 2
     assert float(want) > 1e-6  # the trained student differs from its snapshot teacher
     assert float(pred) == pytest.approx(float(want), rel=1e-3)  # float32 against float64 on a small KL
 

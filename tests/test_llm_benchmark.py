@@ -58,7 +58,8 @@ def test_tiny_run_writes_one_file_per_method_and_resumes(bench, tmp_path, capsys
     results = tmp_path / "results" / "llm_tiny"
     args = ["--methods", "apt_30", "--model", str(model), "--train_file", str(data), "--eval_dir",
             str(SHARED_DATA / "eval"), "--train_rows", "24", "--heldout_rows", "4", "--max_length", "128",
-            "--eval_tasks", "arc_challenge,hellaswag", "--eval_limit", "2", "--eval_steps", "3", "--pretune_batches", "2", "--speed_new_tokens", "2",
+            "--eval_tasks", "arc_challenge,hellaswag", "--eval_limit", "2", "--eval_steps", "3",
+            "--pretune_batches", "2", "--speed_new_tokens", "2",
             "--speed_repeats", "1", "--epochs", "2", "--out", str(tmp_path / "runs"), "--results", str(results)]
     bench.main(args)
     assert sorted(p.name for p in results.iterdir()) == ["apt_30.json", "dense.json"]
