@@ -180,6 +180,38 @@ def test_head_kurtosis_per_head():
     assert torch.allclose(col, torch.from_numpy(want_col).float(), rtol=1e-4, atol=1e-4)
 
 
+def test_hidden_dimensions_get_the_kurtosis_term():
+    """Spec C.1/C.2, K.3: with use_kurtosis, a hidden dimension's score adds sqrt(max(K, 0)) of its row of
+    O = W * x_bar (W: each attention output and FFN down projection, x_bar: its input averaged over batch and
+    tokens), summed over those projections; heads and neurons get theirs as before."""
+    pm = peft.get_peft_model(make_model("llama_gqa"), apt_hf.APTConfig(task_type="CAUSAL_LM"))
+    layout = apt_hf.find_apt_model(pm).layout
+    plain, kurt = SalienceCollector(layout, 0.85, False), SalienceCollector(layout, 0.85, True)
+    plain.attach(layout)
+    kurt.attach(layout)
+    means: dict = {}
+    hooks = [site.o.register_forward_pre_hook(lambda m, a, key=("o", i): means.__setitem__(key, a[0].detach()))
+             for i, site in enumerate(layout.attentions)]
+    hooks += [site.down.register_forward_pre_hook(lambda m, a, key=("d", i): means.__setitem__(key, a[0].detach()))
+              for i, site in enumerate(layout.ffns)]
+    ids = torch.randint(3, 101, (4, 7), generator=torch.Generator().manual_seed(0))
+    pm.train()
+    pm(input_ids=ids, labels=ids).loss.backward()
+    for h in hooks:
+        h.remove()
+    assert plain.end_step() and kurt.end_step()
+    want = torch.zeros_like(plain.ema_hidden, dtype=torch.float64)
+    for (kind, i), x in means.items():
+        site = layout.attentions[i] if kind == "o" else layout.ffns[i]
+        w = (site.o if kind == "o" else site.down).weight.detach()
+        o = (w * x.mean(dim=(0, 1))).double().numpy()
+        want += torch.from_numpy(scipy.stats.kurtosis(o, axis=1, fisher=True, bias=True)).clamp_min(0).sqrt()
+    assert float(want.sum()) > 0
+    torch.testing.assert_close((kurt.ema_hidden - plain.ema_hidden).double(), 0.15 * want, rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(a, b) for a, b in zip(kurt.ema_heads, plain.ema_heads))
+    assert any(not torch.allclose(a, b) for a, b in zip(kurt.ema_neurons, plain.ema_neurons))
+
+
 def test_plan_rank_growth_hand_example():
     # (in + out, r); "a" is the most important but already at the cap, so it is skipped.
     sizes = {"a": (10, 16), "b": (10, 8), "c": (20, 8), "d": (10, 8)}

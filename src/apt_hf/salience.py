@@ -50,13 +50,13 @@ def head_kurtosis(o_weight: torch.Tensor, mean_context: torch.Tensor, head_dim: 
 
 
 def column_kurtosis(weight: torch.Tensor, mean_input: torch.Tensor) -> torch.Tensor:
-    """Kurtosis of each column ``j`` of ``O = W[:, j] * x_bar_j`` over the output axis (neurons, dimensions)."""
+    """Kurtosis of each column ``j`` of ``O = W[:, j] * x_bar_j`` over the output axis (neurons)."""
     return excess_kurtosis((weight.float() * mean_input.float()).t())
 
 
 def row_kurtosis(weight: torch.Tensor, mean_input: torch.Tensor) -> torch.Tensor:
-    """Kurtosis of each output row ``i`` of ``O = W[i, :] * x_bar`` over the input axis: the hidden-dimension term
-    of a projection that writes the residual stream (spec C.2, LLaMA scorer)."""
+    """Kurtosis of each row ``i`` of ``O = W * x_bar`` over the input axis: the hidden dimension ``i`` a residual
+    writer (attention output or FFN down projection) writes to (spec C.2)."""
     return excess_kurtosis(weight.float() * mean_input.float())
 
 
@@ -69,14 +69,11 @@ class SalienceCollector:
     final norm output, summed. Call :meth:`end_step` once per optimizer step (after backward, before the
     optimizer step): it folds the step's scores into the EMA unless they are not finite. With ``static = True``
     (pre-tuning pruning, spec D.6) the scores are summed instead.
-
-    With ``use_kurtosis`` the outlier term ``sqrt(max(K, 0))`` is added per step: per head and per neuron from the
-    output / down projection, and per hidden dimension summed over every output and down projection (spec C.2).
     """
 
     def __init__(self, layout: Layout, beta: float, use_kurtosis: bool) -> None:
         self.layout, self.beta, self.use_kurtosis = layout, beta, use_kurtosis
-        self.static = False
+        self.static = False  # pre-tuning pruning (spec D.6): sum the step scores instead of the EMA
         self.ema_heads = [torch.zeros(s.num_heads) for s in layout.attentions]
         self.ema_neurons = [torch.zeros(f.num_neurons) for f in layout.ffns]
         self.ema_hidden = torch.zeros(layout.hidden_size if not layout.hidden_writers
@@ -150,23 +147,22 @@ class SalienceCollector:
         bucket[i] = score if bucket[i] is None else bucket[i] + score
 
     # -- per optimizer step
-    def _kurtosis_terms(self) -> tuple[list[Optional[torch.Tensor]], list[Optional[torch.Tensor]],
-                                       Optional[torch.Tensor]]:
-        heads, neurons, hidden = [], [], None
+    def _kurtosis_terms(self) -> tuple[list[Optional[torch.Tensor]], list[Optional[torch.Tensor]], torch.Tensor]:
+        """Outlier terms of heads, neurons and hidden dimensions; a dimension's is summed over the attention-output
+        and FFN-down projections of every layer (spec C.1, C.2, K.3)."""
+        heads, neurons, hidden = [], [], torch.zeros_like(self.ema_hidden)
         with torch.no_grad():
             for site, mean in zip(self.layout.attentions, self.mean_context):
                 w = base_linear(site.o).weight
                 heads.append(None if mean is None else outlier_term(
                     head_kurtosis(w, mean.to(w.device), site.head_dim)).cpu())
                 if mean is not None:
-                    term = outlier_term(row_kurtosis(w, mean.to(w.device))).cpu()
-                    hidden = term if hidden is None else hidden + term
+                    hidden += outlier_term(row_kurtosis(w, mean.to(w.device))).cpu()
             for site, mean in zip(self.layout.ffns, self.mean_inter):
                 w = base_linear(site.down).weight
                 neurons.append(None if mean is None else outlier_term(column_kurtosis(w, mean.to(w.device))).cpu())
                 if mean is not None:
-                    term = outlier_term(row_kurtosis(w, mean.to(w.device))).cpu()
-                    hidden = term if hidden is None else hidden + term
+                    hidden += outlier_term(row_kurtosis(w, mean.to(w.device))).cpu()
         return heads, neurons, hidden
 
     def _reduce_over_processes(self) -> None:
@@ -204,7 +200,7 @@ class SalienceCollector:
             self._reset_step()
             return False
         k_heads, k_neurons, k_hidden = self._kurtosis_terms() if self.use_kurtosis else (
-            [None] * len(self.step_heads), [None] * len(self.step_neurons), None)
+            [None] * len(self.step_heads), [None] * len(self.step_neurons), 0)
 
         def fold(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
             return previous + current if self.static else ema(previous, current, self.beta)
@@ -216,8 +212,7 @@ class SalienceCollector:
             if s is not None and s.shape == self.ema_neurons[i].shape:
                 self.ema_neurons[i] = fold(self.ema_neurons[i], s + (k_neurons[i] if k_neurons[i] is not None else 0))
         if self.step_hidden is not None and self.step_hidden.shape == self.ema_hidden.shape:
-            term = k_hidden if k_hidden is not None and k_hidden.shape == self.ema_hidden.shape else 0
-            self.ema_hidden = fold(self.ema_hidden, self.step_hidden + term)
+            self.ema_hidden = fold(self.ema_hidden, self.step_hidden + k_hidden)
         self._reset_step()
         return True
 
