@@ -120,8 +120,8 @@ def result_path(task: str, method: str, seed: int) -> Path:
 
 def majority_share(task: str, glue_dir: str) -> float | None:
     """Dev-set share of the most frequent class (the accuracy of a constant model); None for regression."""
-    sys.path.insert(0, str(ROOT / "src"))
-    from apt_hf.glue import get_task_spec, load_glue_split
+    sys.path.insert(0, str(ROOT / "examples"))
+    from utils_glue import get_task_spec, load_glue_split
 
     spec = get_task_spec(task)
     if spec.is_regression:

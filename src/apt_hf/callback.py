@@ -36,6 +36,7 @@ from . import checkpoint, distributed
 from .config import APTConfig
 from .model import APTModel, find_apt_model
 from .optim import apply_param_changes, drop_params
+from .pretune import calibration_batches, gather_static_salience
 from .prune import kept_after
 from .salience import ImportanceTracker, SalienceCollector
 from .schedule import Plan, adapter_budget, mask_step, resolve_plan
@@ -146,6 +147,8 @@ class APTCallback(TrainerCallback):
         self.initial_adapter_size = adapter_size(self.apt.apt_layers(), self.adapter_name)
         self.step = self.salience_step = state.global_step
         self._resume(state.global_step)
+        if state.global_step == 0 and cfg.adaptive_pruning and self.plan.initial_density < 1.0:
+            self._pretune(args, model, optimizer, kwargs.get("train_dataloader"))
         checkpoint.register(self.apt, STATE_NAME, self)
         logger.info("APT schedule: events at %s, windows from %s, final density %.3f", list(self.plan.events),
                     list(self.plan.windows), self.plan.final_density)
@@ -173,6 +176,34 @@ class APTCallback(TrainerCallback):
             callbacks.remove(callback)
         index = next(i for i, c in enumerate(callbacks) if c is self)
         callbacks[index + 1:index + 1] = moved
+
+    def _pretune(self, args, model, optimizer, train_dataloader) -> None:
+        """Spec D.6: static salience over ``pretune_batches`` random training batches, one hard search at
+        ``pretune_density``, physical removal; the EMA of training then starts afresh on the pruned model."""
+        cfg, apt = self.config, self.apt
+        if train_dataloader is None:
+            raise ValueError("APTConfig.pretune_density < 1 needs the training dataloader at train start; use a "
+                             "transformers Trainer (or APTTrainer) with a train_dataset.")
+        batches = calibration_batches(train_dataloader.dataset, train_dataloader.collate_fn,
+                                      args.per_device_train_batch_size, cfg.pretune_batches, args.seed,
+                                      train_dataloader)
+        collector = self.collector
+        counted = gather_static_salience(model, collector, batches, args.device)
+        if counted == 0:
+            raise ValueError("Pre-tuning pruning got no usable calibration batch (empty dataset, or every loss "
+                             "gradient was not finite).")
+        before = list(apt.parameters())
+        self._move_masks(self.plan.initial_density, hard=True)
+        changes = self._remove_masked()
+        self._commit(optimizer, before, changes)
+        self.collector = SalienceCollector(apt.layout, cfg.salience_beta, collector.use_kurtosis)
+        self.initial_adapter_size = adapter_size(apt.apt_layers(), self.adapter_name)
+        stats = self.stats()
+        self._pending.update(stats, **{"apt/pretune_batches": counted})
+        logger.info("APT pre-tuning pruning (static salience over %d batches): target density %.4f, kept %.4f (%d "
+                    "params), heads %d, neurons %d, hidden %d", counted, self.plan.initial_density,
+                    stats["apt/density"], stats["apt/params"], stats["apt/heads"], stats["apt/neurons"],
+                    stats["apt/hidden"])
 
     def _collecting(self, step: int) -> bool:
         """Salience/importance are gathered from the window start until the last event (spec C.2)."""
@@ -220,7 +251,7 @@ class APTCallback(TrainerCallback):
             return control
         event = self.plan.events[k]
         target = self.plan.target(event)
-        prune_now = self.config.adaptive_pruning and target < 1.0
+        prune_now = self.config.adaptive_pruning and self.plan.prunes(event)
         if prune_now and self.plan.windows[k] <= step < event:
             self._move_masks(target, hard=False)
         if step == event:

@@ -67,11 +67,13 @@ class SalienceCollector:
     Probe points: the input of each attention output projection (heads), the input of each FFN down projection
     (neurons), and for hidden dimensions the input of every attention q projection and FFN up projection plus the
     final norm output, summed. Call :meth:`end_step` once per optimizer step (after backward, before the
-    optimizer step): it folds the step's scores into the EMA unless they are not finite.
+    optimizer step): it folds the step's scores into the EMA unless they are not finite. With ``static = True``
+    (pre-tuning pruning, spec D.6) the scores are summed instead.
     """
 
     def __init__(self, layout: Layout, beta: float, use_kurtosis: bool) -> None:
         self.layout, self.beta, self.use_kurtosis = layout, beta, use_kurtosis
+        self.static = False  # pre-tuning pruning (spec D.6): sum the step scores instead of the EMA
         self.ema_heads = [torch.zeros(s.num_heads) for s in layout.attentions]
         self.ema_neurons = [torch.zeros(f.num_neurons) for f in layout.ffns]
         self.ema_hidden = torch.zeros(layout.hidden_size if not layout.hidden_writers
@@ -199,15 +201,18 @@ class SalienceCollector:
             return False
         k_heads, k_neurons, k_hidden = self._kurtosis_terms() if self.use_kurtosis else (
             [None] * len(self.step_heads), [None] * len(self.step_neurons), 0)
+
+        def fold(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+            return previous + current if self.static else ema(previous, current, self.beta)
+
         for i, s in enumerate(self.step_heads):
             if s is not None and s.shape == self.ema_heads[i].shape:
-                self.ema_heads[i] = ema(self.ema_heads[i], s + (k_heads[i] if k_heads[i] is not None else 0), self.beta)
+                self.ema_heads[i] = fold(self.ema_heads[i], s + (k_heads[i] if k_heads[i] is not None else 0))
         for i, s in enumerate(self.step_neurons):
             if s is not None and s.shape == self.ema_neurons[i].shape:
-                self.ema_neurons[i] = ema(self.ema_neurons[i], s + (k_neurons[i] if k_neurons[i] is not None else 0),
-                                          self.beta)
+                self.ema_neurons[i] = fold(self.ema_neurons[i], s + (k_neurons[i] if k_neurons[i] is not None else 0))
         if self.step_hidden is not None and self.step_hidden.shape == self.ema_hidden.shape:
-            self.ema_hidden = ema(self.ema_hidden, self.step_hidden + k_hidden, self.beta)
+            self.ema_hidden = fold(self.ema_hidden, self.step_hidden + k_hidden)
         self._reset_step()
         return True
 
