@@ -185,8 +185,9 @@ class APTCallback(TrainerCallback):
         apt, masks, col = self.apt, self.apt.masks, self.collector
         cm = apt.count_model()
         layout = apt.layout
-        head_cost, neuron_cost = cm.block_costs(int((masks.hidden > 0).sum()))
-        hidden_cost = cm.hidden_cost([m > 0 for m in masks.heads], [m > 0 for m in masks.neurons])
+        now_h, now_n, now_d = masks.values()  # the search runs on the CPU: one transfer, not one per mask
+        head_cost, neuron_cost = cm.block_costs(int((now_d > 0).sum()))
+        hidden_cost = cm.hidden_cost([m > 0 for m in now_h], [m > 0 for m in now_n])
         budget = target * apt.n_params
         s_heads, s_neurons, s_hidden = col.ema_heads, col.ema_neurons, col.ema_hidden
         if self.held is not None:  # blocks pruned at an earlier event but not yet removed score 0 and stay out
@@ -205,13 +206,9 @@ class APTCallback(TrainerCallback):
             keep_h = [k & a for k, a in zip(keep_h, alive_h)]
             keep_n = [k & a for k, a in zip(keep_n, alive_n)]
             keep_d = keep_d & alive_d
-        with torch.no_grad():
-            for i, keep in enumerate(keep_h):
-                masks.heads[i] = mask_step(masks.heads[i], keep.to(masks.heads[i].device), self.config.mask_decay, hard)
-            for i, keep in enumerate(keep_n):
-                masks.neurons[i] = mask_step(masks.neurons[i], keep.to(masks.neurons[i].device), self.config.mask_decay,
-                                             hard)
-            masks.hidden.copy_(mask_step(masks.hidden, keep_d.to(masks.hidden.device), self.config.mask_decay, hard))
+        step = self.config.mask_decay
+        masks.set_values([mask_step(m, k, step, hard) for m, k in zip(now_h, keep_h)],
+                         [mask_step(m, k, step, hard) for m, k in zip(now_n, keep_n)], mask_step(now_d, keep_d, step, hard))
         # The search is deterministic and its inputs were averaged over processes, so ranks agree already; rank 0's
         # masks are made authoritative anyway (no-op in one process).
         distributed.broadcast_([*masks.heads, *masks.neurons, masks.hidden])
