@@ -42,7 +42,8 @@ METHODS: dict[str, list[str]] = {
 }
 
 
-def run_method(name: str, args: argparse.Namespace, out: Path) -> dict:
+def run_glue_command(name: str, args: argparse.Namespace, out: Path) -> list[str]:
+    """The ``examples/run_glue.py`` command line of one method in this benchmark's setting."""
     lr = args.ft_lr if name == "ft" else args.adapter_lr
     cmd = [sys.executable, str(ROOT / "examples" / "run_glue.py"), *METHODS[name],
            "--task_name", args.task, "--glue_dir", args.glue_dir, "--max_train_samples", str(args.train_rows),
@@ -55,6 +56,12 @@ def run_method(name: str, args: argparse.Namespace, out: Path) -> dict:
            "--speed_repeats", str(args.speed_repeats), "--speed_batch_size", "32", "--speed_seq_length", "128"]
     if name.startswith("apt"):
         cmd += shlex.split(args.apt_args)
+    return cmd
+
+
+def run_method(name: str, args: argparse.Namespace, out: Path, extra: tuple[str, ...] = ()) -> dict:
+    """Run one method in its own process (``extra``: more run_glue.py flags) and return its summary."""
+    cmd = run_glue_command(name, args, out) + list(extra)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     if args.malloc_mmap_threshold:  # same allocator setting for every method (see --malloc_mmap_threshold)
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
@@ -122,7 +129,8 @@ def plot(results: dict, path_curves: Path, path_apt: Path, metric: str) -> None:
     fig.savefig(path_apt, dpi=120)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's settings (also read by ``train_memory.py``)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="sst2")
     p.add_argument("--glue_dir", default=str(ROOT.parent / "shared" / "data" / "glue"))
@@ -149,7 +157,11 @@ def main() -> None:
                    help="Recompute the table (and plots) of a committed results file from its recorded runs with "
                         "this script's current scoring rules; nothing is re-run. The file's meta.command is kept "
                         "and this invocation is recorded as meta.rescored_by.")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.rescore:
         rescore(Path(args.rescore))
         return

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import platform
 import tempfile
@@ -47,7 +48,8 @@ TINY_LLAMA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, nu
 TINY_ROBERTA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
                     vocab_size=256, max_position_embeddings=140, type_vocab_size=1)
 
-ADAPTER_TARGETS = {"bert": ["query", "value", "intermediate.dense"], "roberta": ["query", "value", "intermediate.dense"],
+BERT_TARGETS = ["query", "value", "intermediate.dense"]
+ADAPTER_TARGETS = {"bert": BERT_TARGETS, "roberta": BERT_TARGETS,
                    "llama": ["q_proj", "v_proj"]}  # APT's defaults (spec A.2); LoRA gets the same modules
 METHODS = ("ft", "lora", "apt")
 
@@ -199,18 +201,30 @@ class Stepper:
 
     def __init__(self, model: torch.nn.Module, lr: float = 5e-4, precision: str = "fp32",
                  callback: Optional[apt_hf.APTCallback] = None, max_steps: int = 100_000, start_step: int = 0) -> None:
-        self.model, self.callback, self.precision = model, callback, precision
+        self.model, self.callback = model, callback
         self.device = next(model.parameters()).device
+        self.precision = precision
         params = [p for p in model.parameters() if p.requires_grad]
         fused = self.device.type in ("cuda", "cpu")
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused)
-        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.args = TrainingArguments(tempfile.mkdtemp(prefix="apt_bench_"), report_to=[], save_strategy="no",
                                       use_cpu=self.device.type == "cpu", disable_tqdm=True)
         self.state = TrainerState(max_steps=max_steps, global_step=start_step)
         self.control = TrainerControl()
         if callback is not None:
             callback.on_train_begin(self.args, self.state, self.control, model=model, optimizer=self.optimizer)
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        """Switch precision; ``fp16`` gets a fresh grad scaler."""
+        if value not in AMP:
+            raise ValueError(f"precision {value!r}: pick one of {sorted(AMP)}")
+        self._precision = value
+        self.scaler = torch.amp.GradScaler(self.device.type) if value == "fp16" else None
 
     def _hook(self, name: str) -> None:
         if self.callback is not None:
@@ -248,6 +262,50 @@ class Stepper:
         start, cpu = now(self.device), time.process_time()
         self.step(batch)
         return now(self.device) - start, time.process_time() - cpu
+
+
+def interleave(steppers: dict[str, Stepper], data: list[dict[str, torch.Tensor]], rounds: int,
+               on_round: Optional[Callable[[int, dict], None]] = None) -> dict[str, dict[str, list[float]]]:
+    """One timed optimizer step of every stepper per round, in an order that rotates every round, so that a
+    machine busy with other work slows them alike; returns ``{name: {"wall": [...], "cpu": [...]}}``."""
+    names = list(steppers)
+    times = {n: {"wall": [], "cpu": []} for n in names}
+    for r in range(rounds):
+        gc.collect()
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            wall, cpu = steppers[n].timed_step(data[r % len(data)])
+            times[n]["wall"].append(wall)
+            times[n]["cpu"].append(cpu)
+        if on_round is not None:
+            on_round(r, times)
+    return times
+
+
+def per_round_ratio(times: dict[str, dict[str, list[float]]], a: str, b: str, clock: str) -> list[float]:
+    return [x / y for x, y in zip(times[a][clock], times[b][clock])]
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (``None`` skipped)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not torch.is_tensor(t):
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+def static_bytes(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
+    """What a model holds between steps: parameters, buffers and optimizer state (gradients are freed)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if optimizer is not None:
+        tensors += [v for state in optimizer.state.values() for v in state.values()]
+    return tensor_bytes(tensors)
 
 
 # A long schedule whose first window is far away: steps between events collect salience with hooks on; step

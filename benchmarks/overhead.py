@@ -24,7 +24,6 @@ Reported: the median seconds per step of each variant and the medians of the per
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import shlex
 import statistics
@@ -112,8 +111,7 @@ def summarize(times: dict[str, dict[str, list[float]]], clock: str) -> dict:
     for key, (a, b) in RATIOS.items():
         entry = {}
         for c in ("wall", "cpu"):
-            per_round = [x / y for x, y in zip(times[a][c], times[b][c])]
-            p25, med, p75 = quartiles(per_round)
+            p25, med, p75 = quartiles(harness.per_round_ratio(times, a, b, c))
             entry[c] = {"median": med, "p25": p25, "p75": p75}
         out["ratios"][key] = {"median": entry[clock]["median"], **entry}
     r = out["ratios"]
@@ -134,7 +132,6 @@ def run(args: argparse.Namespace) -> dict:
     for stepper in steppers.values():  # warm-up
         for i in range(args.warmup):
             stepper.step(data[i % len(data)])
-    times = {v: {"wall": [], "cpu": []} for v in VARIANTS}
     clock = "wall" if device.type == "cuda" else "cpu"
     out_path = Path(args.out or harness.RESULTS / f"overhead_{args.model}.json")
     meta = {"command": shlex.join(["python", "benchmarks/overhead.py", *sys.argv[1:]]), **harness.machine(device),
@@ -145,21 +142,19 @@ def run(args: argparse.Namespace) -> dict:
             "note": "ratios: medians of per-round ratios on the 'clock' measure (CPU: process CPU time, since the "
                     "machine is shared with other jobs; GPU: wall-clock after synchronising)"}
     start = time.perf_counter()
-    for r in range(args.rounds):
-        gc.collect()
-        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
-        for v in order:
-            wall, cpu = steppers[v].timed_step(data[r % len(data)])
-            times[v]["wall"].append(wall)
-            times[v]["cpu"].append(cpu)
+    result: dict = {}
+
+    def on_round(r: int, times: dict) -> None:
         if args.verbose:
             print(f"round {r + 1}/{args.rounds} ({time.perf_counter() - start:.0f}s), {clock} s: "
                   + ", ".join(f"{v} {times[v][clock][-1]:.3f}" for v in VARIANTS), flush=True)
         if (r + 1) % 5 == 0 or r + 1 == args.rounds:  # incremental output
-            result = {"meta": {**meta, "rounds_done": r + 1}, **summarize(times, clock)}
+            result.update({"meta": {**meta, "rounds_done": r + 1}, **summarize(times, clock)})
             if not args.no_write:
                 out_path.parent.mkdir(parents=True, exist_ok=True)
                 out_path.write_text(json.dumps(result, indent=2))
+
+    harness.interleave(steppers, data, args.rounds, on_round)
     if args.profile:
         profile(steppers, data, args.profile, out_path.with_name(out_path.stem + "_profile.txt"))
     if args.plot and not args.no_write:

@@ -206,9 +206,10 @@ class APTCallback(TrainerCallback):
             keep_h = [k & a for k, a in zip(keep_h, alive_h)]
             keep_n = [k & a for k, a in zip(keep_n, alive_n)]
             keep_d = keep_d & alive_d
-        step = self.config.mask_decay
-        masks.set_values([mask_step(m, k, step, hard) for m, k in zip(now_h, keep_h)],
-                         [mask_step(m, k, step, hard) for m, k in zip(now_n, keep_n)], mask_step(now_d, keep_d, step, hard))
+        decay = self.config.mask_decay
+        masks.set_values([mask_step(m, k, decay, hard) for m, k in zip(now_h, keep_h)],
+                         [mask_step(m, k, decay, hard) for m, k in zip(now_n, keep_n)],
+                         mask_step(now_d, keep_d, decay, hard))
         # The search is deterministic and its inputs were averaged over processes, so ranks agree already; rank 0's
         # masks are made authoritative anyway (no-op in one process).
         distributed.broadcast_([*masks.heads, *masks.neurons, masks.hidden])
