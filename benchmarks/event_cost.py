@@ -51,9 +51,10 @@ METHOD_PARTS = (("masks_total", "_move_masks"), ("removal", "_remove_masked"), (
                 ("stats", "stats"))
 
 
-def rss_peak_mb() -> float:
+def rss_mb(field: str = "VmHWM") -> float:
+    """Resident memory (``VmRSS``) or its peak since the last reset (``VmHWM``), MB (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -66,7 +67,6 @@ def reset_rss_peak() -> None:
 
 
 def measure(name: str, shape: dict, batch: int, seq: int, device: torch.device) -> dict:
-    reset_rss_peak()
     shape = {"num_key_value_heads": shape["num_attention_heads"], "vocab_size": 32000, **shape}
     config = harness.llama_config(**shape)
     start = time.perf_counter()
@@ -86,26 +86,35 @@ def measure(name: str, shape: dict, batch: int, seq: int, device: torch.device) 
         timers.wrap(module, fn, label)
     for label, method in METHOD_PARTS:
         timers.wrap(cb, method, label)
+    model_mb = harness.tensor_bytes(model.parameters()) / 2 ** 20
+    reset_rss_peak()
+    rss_before = rss_mb("VmRSS")
     try:
-        event_s = harness.run_event(stepper, data[0], 0)
+        harness.run_event(stepper, data[0], 0, timers)
     finally:
         timers.restore()
-    parts = dict(timers.spent)
-    parts["mask_moves"] = parts.get("masks_total", 0.0) - parts.get("search", 0.0) - parts.get("fill_budget", 0.0)
+    event_extra_mb = rss_mb("VmHWM") - rss_before  # what the event step needs above the resident model
+    parts, parts_cpu = dict(timers.spent), dict(timers.cpu)
+    for p in (parts, parts_cpu):
+        p["mask_moves"] = p.get("masks_total", 0.0) - p.get("search", 0.0) - p.get("fill_budget", 0.0)
     stepper.step(data[1])  # first step on the new shapes (re-hooking, allocations)
     pruned_wall, pruned_cpu = stepper.timed_step(data[0])
     row = {
         "size": name, "shape": shape, "params_total": total, "params_main": n_main, "dtype": "float32",
         "target_density": cb.plan.target(cb.plan.events[0]),
         "density_after": apt_hf.count_params(model) / n_main,
-        "event_s": event_s, "event_parts_s": parts,
+        "event_s": parts.pop("event"), "event_cpu_s": parts_cpu.pop("event"), "event_parts_s": parts,
+        "event_parts_cpu_s": parts_cpu,
         "step_dense_s": {"wall": dense_wall, "cpu": dense_cpu},
         "step_after_event_s": {"wall": pruned_wall, "cpu": pruned_cpu},
-        "event_in_steps": event_s / dense_wall,
-        "share_of_training_at_10_events": {run: PAPER_EVENTS * event_s / (steps * dense_wall)
-                                           for run, steps in PAPER_RUNS.items()},
-        "build_s": built_s, "peak_rss_mb": rss_peak_mb(),
+        "event_in_steps": {},
+        "share_of_training_at_10_events": {},
+        "build_s": built_s, "model_mb": model_mb, "event_step_extra_rss_mb": event_extra_mb,
     }
+    row["event_in_steps"] = {"wall": row["event_s"] / dense_wall, "cpu": row["event_cpu_s"] / dense_cpu}
+    for clock in ("wall", "cpu"):
+        row["share_of_training_at_10_events"][clock] = {
+            run: PAPER_EVENTS * row["event_in_steps"][clock] / steps for run, steps in PAPER_RUNS.items()}
     del stepper, model, cb
     gc.collect()
     return row
@@ -119,16 +128,16 @@ def plot(rows: list[dict], path: Path) -> None:
 
     x = [r["params_total"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.loglog(x, [r["event_s"] for r in rows], "o-", color="C3", label="one pruning event (total)")
+    ax.loglog(x, [r["event_cpu_s"] for r in rows], "o-", color="C3", label="one pruning event (total)")
     for i, (label, key) in enumerate((("search + budget fill", ("search", "fill_budget")),
                                       ("physical removal", ("removal",)),
                                       ("optimizer surgery + re-hooking", ("optimizer_and_hooks",)))):
-        y = [sum(r["event_parts_s"].get(k, 0.0) for k in key) for r in rows]
+        y = [sum(r["event_parts_cpu_s"].get(k, 0.0) for k in key) for r in rows]
         ax.loglog(x, [max(v, 1e-4) for v in y], ".--", color=f"C{i}", lw=0.9, label=label)
-    ax.loglog(x, [r["step_dense_s"]["wall"] for r in rows], "s:", color="grey",
+    ax.loglog(x, [r["step_dense_s"]["cpu"] for r in rows], "s:", color="grey",
               label=f"one training step ({rows[0]['batch']} x {rows[0]['seq']} tokens)")
     ax.set_xlabel("parameters")
-    ax.set_ylabel("seconds")
+    ax.set_ylabel("CPU seconds (1 thread)")
     ax.set_title("APT event cost vs model size (random LLaMA shapes, CPU)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
@@ -163,8 +172,10 @@ def main(argv: list[str] | None = None) -> dict:
         row = measure(name, shape, args.batch, args.seq, device)
         row.update(batch=args.batch, seq=args.seq)
         rows[name] = row
-        print(json.dumps({k: row[k] for k in ("size", "params_total", "event_s", "event_parts_s", "step_dense_s",
-                                              "share_of_training_at_10_events", "peak_rss_mb")}), flush=True)
+        print(json.dumps({k: row[k] for k in ("size", "params_total", "event_s", "event_cpu_s", "event_parts_cpu_s",
+                                              "step_dense_s", "share_of_training_at_10_events", "model_mb",
+                                              "event_step_extra_rss_mb")}),
+              flush=True)
         ordered = sorted(rows.values(), key=lambda r: r["params_total"])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": meta, "rows": ordered}, indent=2))

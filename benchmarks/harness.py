@@ -15,9 +15,9 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
 import platform
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -91,15 +91,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def apt_hf_source() -> str:
+    """Which apt_hf code ran: its folder and git commit (``+changes`` if its ``src`` differs from the commit)."""
+    folder = Path(apt_hf.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "."], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return str(folder)
+    return f"{folder} @ {commit}{' +changes' if dirty else ''}"
+
+
 def machine(device: torch.device) -> dict:
-    """Device name and library versions, recorded in every result file."""
+    """Device name, library versions and the apt_hf code, recorded in every result file."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         name = f"{props.name} ({props.total_memory / 2 ** 30:.0f} GiB)"
     else:
         name = f"CPU: {cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
+            "peft": peft.__version__, "python": platform.python_version(), "apt_hf": apt_hf_source()}
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -271,7 +284,6 @@ def interleave(steppers: dict[str, Stepper], data: list[dict[str, torch.Tensor]]
     names = list(steppers)
     times = {n: {"wall": [], "cpu": []} for n in names}
     for r in range(rounds):
-        gc.collect()
         for n in names[r % len(names):] + names[:r % len(names)]:
             wall, cpu = steppers[n].timed_step(data[r % len(data)])
             times[n]["wall"].append(wall)
@@ -320,13 +332,13 @@ def schedule_points(callback: apt_hf.APTCallback) -> dict[str, int]:
     return {"between": plan.start + 10, "window": plan.windows[0] + 1, "last_event": plan.events[-1]}
 
 
-def run_event(stepper: Stepper, batch: dict[str, torch.Tensor], k: int) -> float:
+def run_event(stepper: Stepper, batch: dict[str, torch.Tensor], k: int, timers: Optional["Timers"] = None) -> float:
     """Run the optimizer step that ends at the schedule's pruning event ``k`` (0-based) through the callback;
-    returns the seconds ``on_step_end`` took, i.e. the event itself: search, hard masks, physical removal, rank
-    growth and optimizer surgery."""
+    returns the wall-clock seconds ``on_step_end`` took, i.e. the event itself: search, hard masks, physical
+    removal, rank growth and optimizer surgery (``timers``, if given, also gets it as ``event``)."""
     cb = stepper.callback
     stepper.state.global_step = cb.plan.events[k] - 1
-    timers = Timers(stepper.device)
+    timers = timers or Timers(stepper.device)
     timers.wrap(cb, "on_step_end", "event")
     try:
         stepper.step(batch)
@@ -345,11 +357,13 @@ def prune_with_event(stepper: Stepper, batch: dict[str, torch.Tensor], density: 
 
 
 class Timers:
-    """Accumulated seconds spent in wrapped callables (methods of an object, or functions of a module)."""
+    """Accumulated wall-clock seconds (``spent``) and process CPU seconds (``cpu``) in wrapped callables (methods
+    of an object, or functions of a module)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.spent: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
         self._undo: list[tuple[object, str, object, bool]] = []
 
     def wrap(self, owner: object, name: str, label: str) -> None:
@@ -357,11 +371,12 @@ class Timers:
         own = name in vars(owner)  # a module function or an instance attribute, not a class method
 
         def timed(*args, **kwargs):
-            start = now(self.device)
+            start, cpu = now(self.device), time.process_time()
             try:
                 return original(*args, **kwargs)
             finally:
                 self.spent[label] = self.spent.get(label, 0.0) + now(self.device) - start
+                self.cpu[label] = self.cpu.get(label, 0.0) + time.process_time() - cpu
 
         setattr(owner, name, timed)
         self._undo.append((owner, name, original, own))

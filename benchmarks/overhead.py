@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
@@ -129,14 +130,19 @@ def run(args: argparse.Namespace) -> dict:
     data = harness.batches(probe.config, args.model != "minilm", batch, seq, args.n_batches, device)
     del probe
     steppers = {v: build(args.model, v, device, data[0], args.tiny) for v in VARIANTS}
-    for stepper in steppers.values():  # warm-up
-        for i in range(args.warmup):
+    flops = {}
+    for name, stepper in steppers.items():  # warm-up; the first step also counts the step's FLOPs
+        with FlopCounterMode(display=False) as counter:
+            stepper.step(data[0])
+        flops[name] = counter.get_total_flops()
+        for i in range(1, args.warmup):
             stepper.step(data[i % len(data)])
     clock = "wall" if device.type == "cuda" else "cpu"
     out_path = Path(args.out or harness.RESULTS / f"overhead_{args.model}.json")
     meta = {"command": shlex.join(["python", "benchmarks/overhead.py", *sys.argv[1:]]), **harness.machine(device),
             "model": args.model, "batch": batch, "seq": seq, "rounds": args.rounds,
             "params": {v: harness.n_params(s.model) for v, s in steppers.items()},
+            "flops_per_step": flops, "flops_apt_40_vs_apt": flops["apt_40"] / flops["apt"],
             "kept_density_apt_40": apt_hf.count_params(steppers["apt_40"].model)
             / apt_hf.find_apt_model(steppers["apt_40"].model).n_params,
             "note": "ratios: medians of per-round ratios on the 'clock' measure (CPU: process CPU time, since the "

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "schedule scales with it, so every pruning event and the distillation phase still happen")
     p.add_argument("--result", default=str(harness.RESULTS / "train_memory_sst2.json"))
     p.add_argument("--force", action="store_true", help="re-run methods already in the result file")
+    p.add_argument("--jobs", type=int, default=1, help="methods run side by side (each in its own process)")
     args = p.parse_args(argv)
     result_path = Path(args.result)
     previous = json.loads(result_path.read_text()) if result_path.exists() and not args.force else {}
@@ -69,20 +72,29 @@ def main(argv: list[str] | None = None) -> dict:
             "malloc_mmap_threshold": args.malloc_mmap_threshold,
             "run_glue_flags": {m: glue_benchmark.run_glue_command(m, args, out)[2:] + list(extra)
                                for m in args.methods.split(",")}}
-    for name in args.methods.split(","):
-        if name in runs:
-            print(f"{name}: already measured (--force to redo)", flush=True)
-            continue
+    lock = threading.Lock()
+
+    def one(name: str) -> None:
         print(f"== {name}", flush=True)
         summary = glue_benchmark.run_method(name, args, out, extra)
-        runs[name] = {k: summary[k] for k in KEEP if k in summary}
-        runs[name]["apt_events"] = [h["step"] for h in summary.get("log_history", []) if "apt/event" in h]
-        runs[name]["distillation_logged_at"] = [h["step"] for h in summary.get("log_history", []) if "apt/mu" in h]
-        result = {"meta": meta, "table": table(runs), "runs": runs}
-        result_path.parent.mkdir(parents=True, exist_ok=True)
-        result_path.write_text(json.dumps(result, indent=2))
-        print(json.dumps(result["table"], indent=2), flush=True)
-    return {"meta": meta, "table": table(runs), "runs": runs}
+        run = {k: summary[k] for k in KEEP if k in summary}
+        run["apt_events"] = [h["step"] for h in summary.get("log_history", []) if "apt/event" in h]
+        run["distillation_logged_at"] = [h["step"] for h in summary.get("log_history", []) if "apt/mu" in h]
+        with lock:  # results are written after every method
+            runs[name] = run
+            ordered = {m: runs[m] for m in [*METHODS, *runs] if m in runs}
+            result = {"meta": meta, "table": table(ordered), "runs": ordered}
+            result_path.parent.mkdir(parents=True, exist_ok=True)
+            result_path.write_text(json.dumps(result, indent=2))
+            print(json.dumps(result["table"], indent=2), flush=True)
+
+    todo = [m for m in args.methods.split(",") if m not in runs]
+    for name in set(args.methods.split(",")) - set(todo):
+        print(f"{name}: already measured (--force to redo)", flush=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # processes side by side: RSS is per process
+        list(pool.map(one, todo))
+    ordered = {m: runs[m] for m in [*METHODS, *runs] if m in runs}
+    return {"meta": meta, "table": table(ordered), "runs": ordered}
 
 
 if __name__ == "__main__":

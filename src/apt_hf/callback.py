@@ -232,7 +232,7 @@ class APTCallback(TrainerCallback):
         Called by the distillation callback right before a teacher refresh and when distillation ends (spec D.5)."""
         if self.held is None:
             return
-        before = list(self.apt.parameters())
+        before = [p for p in self.apt.parameters() if p.requires_grad]
         changes = self._remove_masked()
         self._commit(optimizer, before, changes)
         stats = self.stats()
@@ -254,7 +254,7 @@ class APTCallback(TrainerCallback):
 
     def _event(self, k: int, target: float, optimizer, prune_now: bool) -> None:
         apt, cfg = self.apt, self.config
-        before = list(apt.parameters())
+        before = [p for p in apt.parameters() if p.requires_grad]  # frozen weights: freed as they are replaced
         changes = []
         if prune_now:
             self._move_masks(target, hard=True)
