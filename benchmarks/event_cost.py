@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shlex
 import sys
 import time
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     done = json.loads(out.read_text()) if out.exists() and not args.force else {}
     rows = {r["size"]: r for r in done.get("rows", [])}
     meta = {"command": shlex.join(["python", "benchmarks/event_cost.py", *sys.argv[1:]]), **harness.machine(device),
-            "batch": args.batch, "seq": args.seq, "paper_runs_steps": PAPER_RUNS, "paper_events": PAPER_EVENTS}
+            "batch": args.batch, "seq": args.seq, "paper_runs_steps": PAPER_RUNS, "paper_events": PAPER_EVENTS,
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
     for name, shape in sizes.items():
         if name in rows:
             print(f"{name}: already measured (--force to redo)", flush=True)

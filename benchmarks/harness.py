@@ -177,14 +177,6 @@ def wrap(model: transformers.PreTrainedModel, method: str, task_type: str, **apt
     raise ValueError(f"unknown method {method!r}; pick one of {METHODS}")
 
 
-def float_adapters(model: torch.nn.Module) -> None:
-    """Keep trainable parameters in fp32 on a half-precision model (PEFT's ``autocast_adapter_dtype`` does this
-    for LoRA), so that a grad scaler can unscale their gradients."""
-    for p in model.parameters():
-        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.float()
-
-
 def batches(config: transformers.PretrainedConfig, causal: bool, batch: int, seq: int, count: int,
             device: torch.device, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """``count`` fixed random batches (full attention masks; labels: the tokens for a causal LM, else a class)."""
@@ -209,11 +201,12 @@ class Stepper:
         model: the (PEFT-wrapped) model, on its device.
         lr: AdamW learning rate (fused AdamW, as Trainer's default ``adamw_torch_fused``).
         precision: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast and a grad scaler).
-        callback: an ``APTCallback`` to drive; ``max_steps`` and ``start_step`` place the run in its schedule.
+        callback: an ``APTCallback`` to drive (its ``on_train_begin`` runs here) for a run of ``max_steps``; set
+            ``state.global_step`` afterwards to place the next step in the schedule.
     """
 
     def __init__(self, model: torch.nn.Module, lr: float = 5e-4, precision: str = "fp32",
-                 callback: Optional[apt_hf.APTCallback] = None, max_steps: int = 100_000, start_step: int = 0) -> None:
+                 callback: Optional[apt_hf.APTCallback] = None, max_steps: int = 100_000) -> None:
         self.model, self.callback = model, callback
         self.device = next(model.parameters()).device
         self.precision = precision
@@ -222,7 +215,7 @@ class Stepper:
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused)
         self.args = TrainingArguments(tempfile.mkdtemp(prefix="apt_bench_"), report_to=[], save_strategy="no",
                                       use_cpu=self.device.type == "cpu", disable_tqdm=True)
-        self.state = TrainerState(max_steps=max_steps, global_step=start_step)
+        self.state = TrainerState(max_steps=max_steps)
         self.control = TrainerControl()
         if callback is not None:
             callback.on_train_begin(self.args, self.state, self.control, model=model, optimizer=self.optimizer)

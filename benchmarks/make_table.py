@@ -100,7 +100,9 @@ def overhead_table(paths: list[Path]) -> str:
     for path in paths:
         r = json.loads(path.read_text())
         m, ratio, clock = r["meta"], r["ratios"], r["clock"]
-        lines.append(f"| {m['model']}, {m['batch']} x {m['seq']} | {m.get('code', 'this branch')} | "
+        source = m.get("apt_hf", "")
+        code = source.split(" @ ", 1)[1] if " @ " in source else Path(source).parents[1].name
+        lines.append(f"| {m['model']}, {m['batch']} x {m['seq']} | {code} | "
                      f"{r['variants']['lora'][clock]['median_s']:.2f} | {ratio['apt_vs_lora']['median']:.3f} | "
                      f"{ratio['apt_window_vs_lora']['median']:.3f} | {ratio['apt_hooks_off_vs_lora']['median']:.3f} | "
                      f"{ratio['apt_vs_apt_hooks_off']['median']:.3f} | {ratio['apt_40_vs_apt']['median']:.3f} | "

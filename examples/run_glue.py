@@ -15,7 +15,9 @@ Short CPU demo (a few minutes on 2 cores; the default model is the offline all-M
 The same command runs under ``accelerate launch examples/run_glue.py ...``. The run ends with a summary (task,
 method, main dev metric, kept parameters and, for APT, the exported model's speed-up over the dense model) that
 is also written to ``<output_dir>/summary.json``; APT's pruned model is exported to ``<output_dir>/pruned_model``
-and loads back with ``apt_hf.load_pruned``.
+and loads back with ``apt_hf.load_pruned`` (``--export False`` skips the export and the speed test). The summary
+also records the peak resident memory of the training phase alone (``train_peak_rss_mb``; on Linux the kernel's
+peak counter is reset when training starts) next to the process's overall peak (``peak_rss_mb``).
 
 APT schedule: ``pruning_start``, ``pruning_end``, ``sparsity_warmup`` and ``distill_end`` accept a step count
 (``200``) or a fraction of the run's optimizer steps (``0.6``, written with a decimal point). The defaults here
