@@ -192,7 +192,7 @@ class APTCallback(TrainerCallback):
         if counted == 0:
             raise ValueError("Pre-tuning pruning got no usable calibration batch (empty dataset, or every loss "
                              "gradient was not finite).")
-        before = list(apt.parameters())
+        before = [p for p in apt.parameters() if p.requires_grad]
         self._move_masks(self.plan.initial_density, hard=True)
         changes = self._remove_masked()
         self._commit(optimizer, before, changes)
@@ -283,8 +283,9 @@ class APTCallback(TrainerCallback):
         apt, masks, col = self.apt, self.apt.masks, self.collector
         cm = apt.count_model()
         layout = apt.layout
-        head_cost, neuron_cost = cm.block_costs(int((masks.hidden > 0).sum()))
-        hidden_cost = cm.hidden_cost([m > 0 for m in masks.heads], [m > 0 for m in masks.neurons])
+        now_h, now_n, now_d = masks.values()  # the search runs on the CPU: one transfer, not one per mask
+        head_cost, neuron_cost = cm.block_costs(int((now_d > 0).sum()))
+        hidden_cost = cm.hidden_cost([m > 0 for m in now_h], [m > 0 for m in now_n])
         budget = target * apt.n_params
         s_heads, s_neurons, s_hidden = col.ema_heads, col.ema_neurons, col.ema_hidden
         if self.held is not None:  # blocks pruned at an earlier event but not yet removed score 0 and stay out
@@ -305,13 +306,10 @@ class APTCallback(TrainerCallback):
             allowed = self.held
             kept = fill_budget(cm, (keep_h, keep_n, keep_d), densities, budget, allowed)
             keep_h, keep_n, keep_d = swap_to_budget(cm, kept, densities, budget, allowed=allowed)
-        with torch.no_grad():
-            for i, keep in enumerate(keep_h):
-                masks.heads[i] = mask_step(masks.heads[i], keep.to(masks.heads[i].device), self.config.mask_decay, hard)
-            for i, keep in enumerate(keep_n):
-                masks.neurons[i] = mask_step(masks.neurons[i], keep.to(masks.neurons[i].device), self.config.mask_decay,
-                                             hard)
-            masks.hidden.copy_(mask_step(masks.hidden, keep_d.to(masks.hidden.device), self.config.mask_decay, hard))
+        decay = self.config.mask_decay
+        masks.set_values([mask_step(m, k, decay, hard) for m, k in zip(now_h, keep_h)],
+                         [mask_step(m, k, decay, hard) for m, k in zip(now_n, keep_n)],
+                         mask_step(now_d, keep_d, decay, hard))
         # The search is deterministic and its inputs were averaged over processes, so ranks agree already; rank 0's
         # masks are made authoritative anyway (no-op in one process).
         distributed.broadcast_([*masks.heads, *masks.neurons, masks.hidden])
@@ -334,7 +332,7 @@ class APTCallback(TrainerCallback):
         Called by the distillation callback right before a teacher refresh and when distillation ends (spec D.5)."""
         if self.held is None:
             return
-        before = list(self.apt.parameters())
+        before = [p for p in self.apt.parameters() if p.requires_grad]
         changes = self._remove_masked()
         self._commit(optimizer, before, changes)
         stats = self.stats()
@@ -361,7 +359,7 @@ class APTCallback(TrainerCallback):
             logger.warning("APT event %d at step %d acts on salience last updated at step %d (%d steps ago): the "
                            "gradients of the steps since were not finite. Check the loss for divergence.", k + 1,
                            self.plan.events[k], self.salience_step, stale)
-        before = list(apt.parameters())
+        before = [p for p in apt.parameters() if p.requires_grad]  # frozen weights: freed as they are replaced
         changes = []
         if prune_now:
             self._move_masks(target, hard=True)
