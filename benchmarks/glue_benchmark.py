@@ -109,8 +109,11 @@ def plot(results: dict, path_curves: Path, path_apt: Path, meta: dict) -> None:
 
     task = get_task_spec(meta["task"]).folder if "task" in meta else "GLUE"
     metric, args = meta["metric"], meta.get("args", {})
-    setting = (f"{args['train_rows']} rows, {args['epochs']:g} epochs, seed {args['seed']}, "
-               f"{1 - args['target_sparsity']:.0%} density") if args else ""
+    parts = [f"{args['train_rows']} rows" if args.get("train_rows") else None,
+             f"{args['epochs']:g} epochs" if args.get("epochs") is not None else None,
+             f"seed {args['seed']}" if args.get("seed") is not None else None,
+             f"{1 - args['target_sparsity']:.0%} density" if args.get("target_sparsity") is not None else None]
+    setting = ", ".join(p for p in parts if p)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, (name, r) in enumerate(results.items()):  # thin: evaluations before the delivered density
         full, h = r["eval_history"], pruned_history(name, r)

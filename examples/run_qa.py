@@ -58,7 +58,7 @@ from apt_hf.arch import FAMILIES  # noqa: E402
 from apt_hf.config import DEFAULT_TARGET_MODULES  # noqa: E402
 from apt_hf.squad import SquadDataError, best_answers, load_squad, squad_v2_scores  # noqa: E402
 from run_glue import (DEFAULT_LEARNING_RATE, APTArguments, EvalClock, InputError, build_apt_config,  # noqa: E402
-                      default_model_path, main_param_count, optimizer_steps)
+                      default_model_path, optimizer_steps)
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     set_seed(training_args.seed)
 
     model = AutoModelForQuestionAnswering.from_pretrained(model_path, config=config)
-    original_params = main_param_count(model)
+    original_params = apt_hf.count_params(model)
     if method_args.method == "apt":
         model = peft.get_peft_model(model, apt_config)
     elif method_args.method == "lora":

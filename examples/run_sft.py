@@ -67,7 +67,7 @@ from apt_hf.callback import resolve_plan  # noqa: E402
 from apt_hf.instruct import InstructDataError, load_instructions, tokenize_example  # noqa: E402
 from apt_hf.llm_eval import EvalDataError, evaluate, response_perplexity  # noqa: E402
 from apt_hf.offline_models import MissingCheckpointError, smollm2_path  # noqa: E402
-from run_glue import (APTArguments, EvalClock, InputError, build_apt_config, main_param_count,  # noqa: E402
+from run_glue import (APTArguments, EvalClock, InputError, build_apt_config,  # noqa: E402
                       optimizer_steps)
 
 logger = logging.getLogger(__name__)
@@ -294,7 +294,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     # 4. Model and method.
     model = AutoModelForCausalLM.from_pretrained(model_path, config=config)
-    original_params = main_param_count(model)
+    original_params = apt_hf.count_params(model)
     if method_args.method == "apt":
         model = peft.get_peft_model(model, apt_config)
     else:

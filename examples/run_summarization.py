@@ -61,7 +61,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 import peft  # noqa: E402  (after apt_hf, which registers the APT tuner with PEFT)
 from apt_hf.arch import FAMILIES  # noqa: E402
 from run_glue import (DEFAULT_LEARNING_RATE, APTArguments, EvalClock, InputError, build_apt_config,  # noqa: E402
-                      main_param_count, optimizer_steps)
+                      optimizer_steps)
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     set_seed(training_args.seed)
 
     model = AutoModelForSeq2SeqLM.from_pretrained(model_path, config=config)
-    original_params = main_param_count(model)
+    original_params = apt_hf.count_params(model)
     if method_args.method == "apt":
         model = peft.get_peft_model(model, apt_config)
     elif method_args.method == "lora":

@@ -434,6 +434,38 @@ def test_swap_to_budget_lands_within_one_percent():
     assert all(torch.equal(a, b) for a, b in zip(same[0] + same[1] + [same[2]], kept[0] + kept[1] + [kept[2]]))
 
 
+
+def test_swap_to_budget_takes_grouped_query_rows():
+    """Grouped-query layers swap whole rows (one query head per live key/value group): a row that stopped the prefix
+    is taken back against the least dense neurons, no group loses its last head, and the count lands in
+    [0.99 budget, budget] (issue 13 item 5 on a LLaMA-GQA model, where heads were never swapped before)."""
+    layout = describe(tiny("gqa"))
+    cm = CountModel.from_layout(layout)
+    g = cm.group_size[0]
+    assert g > 1
+    heads = [torch.ones(s.num_heads, dtype=torch.bool) for s in layout.attentions]
+    neurons = [torch.ones(f.num_neurons, dtype=torch.bool) for f in layout.ffns]
+    hidden = torch.ones(layout.hidden_size, dtype=torch.bool)
+    full = cm.count(heads, neurons, hidden)
+    row = [q * g for q in range(len(heads[0]) // g)]  # the first head of every group of layer 0
+    for j in row:
+        heads[0][j] = False
+    dens = ([torch.full((len(h),), 2.0) for h in heads], [torch.linspace(1.5, 3.0, len(n)) for n in neurons],
+            torch.full((len(hidden),), 5.0))
+    dens[0][0][row] = 1.0
+    kept = fill_budget(cm, (heads, neurons, hidden), dens, full - 100)
+    assert cm.count(*kept) < 0.99 * (full - 100)  # the greedy result: a whole row below the budget
+    swapped = swap_to_budget(cm, kept, dens, full - 100)
+    assert 0.99 * (full - 100) <= cm.count(*swapped) <= full - 100
+    assert bool(swapped[0][0].all())  # the row came back ...
+    assert int(sum(int((~n).sum()) for n in swapped[1])) >= 1  # ... against neurons
+    # a row that would kill a group (one head left in it) is never dropped
+    one = [torch.zeros(len(h), dtype=torch.bool) for h in heads]
+    for h in one:
+        h[::g] = True
+    rows = apt_hf.search._gqa_rows(one[0], torch.ones_like(one[0]), dens[0][0], g, 0)
+    assert [r[4] for r in rows] == [False]  # only the row to take back; none to drop
+
 class EventLog(TrainerCallback):
     """Kept parameter count after every step (added after APTCallback)."""
 
