@@ -31,11 +31,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "distill_diagnosis"
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "examples")]
 
 import apt_hf  # noqa: E402
-from apt_hf.glue import compute_glue_metrics  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
+from utils_glue import compute_metrics  # noqa: E402
 
 
 def load_run_glue():
@@ -68,7 +68,7 @@ class TeacherProbe(TrainerCallback):
                 logits.append(distiller.teacher.outputs(model, apt.masks, batch).logits.float().cpu())
             teacher = torch.cat(logits).numpy()
             gold = torch.cat(labels).numpy()
-            record["teacher"] = compute_glue_metrics(self.task, teacher, gold)[tr.diag_metric]
+            record["teacher"] = compute_metrics(self.task, teacher, gold)[tr.diag_metric]
             student = self.student_predictions
             if student is not None and student.shape == teacher.shape:
                 record["agreement"] = float((student.argmax(-1) == teacher.argmax(-1)).mean())

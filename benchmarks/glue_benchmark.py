@@ -46,7 +46,8 @@ METHODS: dict[str, list[str]] = {
 }
 
 
-def run_method(name: str, args: argparse.Namespace, out: Path) -> dict:
+def run_glue_command(name: str, args: argparse.Namespace, out: Path) -> list[str]:
+    """The ``examples/run_glue.py`` command line of one method in this benchmark's setting."""
     lr = args.ft_lr if name == "ft" else args.adapter_lr
     cmd = [sys.executable, str(ROOT / "examples" / "run_glue.py"), *METHODS[name],
            "--task_name", args.task, "--glue_dir", args.glue_dir, "--max_train_samples", str(args.train_rows),
@@ -61,6 +62,12 @@ def run_method(name: str, args: argparse.Namespace, out: Path) -> dict:
     cmd += shlex.split(getattr(args, "run_glue_args", ""))  # every method (glue_suite.py)
     if name.startswith("apt"):
         cmd += shlex.split(args.apt_args)
+    return cmd
+
+
+def run_method(name: str, args: argparse.Namespace, out: Path, extra: tuple[str, ...] = ()) -> dict:
+    """Run one method in its own process (``extra``: more run_glue.py flags) and return its summary."""
+    cmd = run_glue_command(name, args, out) + list(extra)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     if args.malloc_mmap_threshold:  # same allocator setting for every method (see --malloc_mmap_threshold)
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
@@ -102,8 +109,11 @@ def plot(results: dict, path_curves: Path, path_apt: Path, meta: dict) -> None:
 
     task = get_task_spec(meta["task"]).folder if "task" in meta else "GLUE"
     metric, args = meta["metric"], meta.get("args", {})
-    setting = (f"{args['train_rows']} rows, {args['epochs']:g} epochs, seed {args['seed']}, "
-               f"{1 - args['target_sparsity']:.0%} density") if args else ""
+    parts = [f"{args['train_rows']} rows" if args.get("train_rows") else None,
+             f"{args['epochs']:g} epochs" if args.get("epochs") is not None else None,
+             f"seed {args['seed']}" if args.get("seed") is not None else None,
+             f"{1 - args['target_sparsity']:.0%} density" if args.get("target_sparsity") is not None else None]
+    setting = ", ".join(p for p in parts if p)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, (name, r) in enumerate(results.items()):  # thin: evaluations before the delivered density
         full, h = r["eval_history"], pruned_history(name, r)
@@ -127,7 +137,8 @@ def plot(results: dict, path_curves: Path, path_apt: Path, meta: dict) -> None:
                       title=f"{task}: APT schedule (kept density, mean rank)" + (f"\n({setting})" if setting else ""))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's settings (also read by ``train_memory.py``)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="sst2")
     p.add_argument("--glue_dir", default=str(ROOT.parent / "shared" / "data" / "glue"))
@@ -155,7 +166,11 @@ def main() -> None:
                    help="Recompute the table (and plots) of a committed results file from its recorded runs with "
                         "this script's current scoring rules; nothing is re-run. The file's meta.command is kept "
                         "and this invocation is recorded as meta.rescored_by.")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.replot:
         data = json.loads(Path(args.replot).read_text())
         draw(Path(args.replot).with_suffix(""), data["meta"], data["runs"])

@@ -120,8 +120,8 @@ def result_path(task: str, method: str, seed: int) -> Path:
 
 def majority_share(task: str, glue_dir: str) -> float | None:
     """Dev-set share of the most frequent class (the accuracy of a constant model); None for regression."""
-    sys.path.insert(0, str(ROOT / "src"))
-    from apt_hf.glue import get_task_spec, load_glue_split
+    sys.path.insert(0, str(ROOT / "examples"))
+    from utils_glue import get_task_spec, load_glue_split
 
     spec = get_task_spec(task)
     if spec.is_regression:
@@ -157,6 +157,8 @@ def main() -> None:
     p.add_argument("--speed_repeats", type=int, default=10)
     p.add_argument("--apt_args", default="", help="Extra run_glue.py flags for the APT methods (same on every task).")
     p.add_argument("--out", default=str(ROOT / "runs" / "suite"), help="Working folder of the runs.")
+    p.add_argument("--methods", default=None, help="Only these planned methods (comma-separated), e.g. to run the "
+                   "main comparison first; a later run without it completes the plan.")
     p.add_argument("--estimate", action="store_true", help="Print the planned runs' estimated CPU time and exit.")
     args = p.parse_args()
     tasks = args.tasks.split(",")
@@ -164,10 +166,16 @@ def main() -> None:
     if unknown:
         p.error(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
     seeds = tuple(int(s) for s in args.seeds.split(","))
+    methods = None if args.methods is None else set(args.methods.split(","))
+    if methods is not None and methods - set(MAIN_METHODS + ABLATIONS):
+        p.error(f"unknown method(s) {sorted(methods - set(MAIN_METHODS + ABLATIONS))}; choose from "
+                f"{list(MAIN_METHODS + ABLATIONS)}")
     if args.estimate:
         print(estimate(tasks, args.batch_size))
         return
     for task, seed, method in planned_runs(tasks, seeds):
+        if methods is not None and method not in methods:
+            continue
         path = result_path(task, method, seed)
         if path.exists():
             print(f"== {task} {method} seed {seed}: done ({path})", flush=True)

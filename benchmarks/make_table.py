@@ -163,6 +163,83 @@ def prune_table(path: Path) -> str:
                                                      if r.get("malloc_mmap_threshold") else "") + ".")
 
 
+def overhead_table(paths: list[Path]) -> str:
+    """Per-step cost of APT against LoRA (``overhead.py``), one row per result file."""
+    lines = ["| model, batch | code | LoRA step (s) | APT / LoRA | APT in a window / LoRA | APT hooks off / LoRA "
+             "| APT / APT hooks off | APT at 40 % / APT | FLOPs at 40 % / dense | rounds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        r = json.loads(path.read_text())
+        m, ratio, clock = r["meta"], r["ratios"], r["clock"]
+        source = m.get("apt_hf", "")
+        code = source.split(" @ ", 1)[1] if " @ " in source else Path(source).parents[1].name
+        lines.append(f"| {m['model']}, {m['batch']} x {m['seq']} | {code} | "
+                     f"{r['variants']['lora'][clock]['median_s']:.2f} | {ratio['apt_vs_lora']['median']:.3f} | "
+                     f"{ratio['apt_window_vs_lora']['median']:.3f} | {ratio['apt_hooks_off_vs_lora']['median']:.3f} | "
+                     f"{ratio['apt_vs_apt_hooks_off']['median']:.3f} | {ratio['apt_40_vs_apt']['median']:.3f} | "
+                     f"{fmt(m.get('flops_apt_40_vs_apt'), '.3f')} | {m['rounds_done']} |")
+    return "\n".join(lines)
+
+
+def event_table(path: Path) -> str:
+    """One pruning event against model size (``event_cost.py``), CPU seconds."""
+    r = json.loads(path.read_text())
+    lines = [f"`{r['meta']['command']}` — {r['meta']['device']}; CPU seconds", "",
+             "| parameters (main) | event | search + fill | removal | rank growth | optimizer + hooks | step "
+             f"({r['meta']['batch']} x {r['meta']['seq']}) | event / step "
+             "| share at 10 events, 84,200 / 24,376 steps |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        p = row["event_parts_cpu_s"]
+        share = row["share_of_training_at_10_events"]["cpu"]
+        lines.append(f"| {row['params_total'] / 1e6:,.0f} M ({row['params_main'] / 1e6:,.1f} M) | "
+                     f"{row['event_cpu_s']:.2f} | {p['search'] + p['fill_budget']:.2f} | {p['removal']:.2f} | "
+                     f"{p['rank_plan'] + p['rank_growth']:.3f} | {p['optimizer_and_hooks']:.3f} | "
+                     f"{row['step_dense_s']['cpu']:.2f} | {row['event_in_steps']['cpu']:.2f} | "
+                     f"{100 * share['roberta_sst2']:.4f} % / {100 * share['llama_alpaca']:.4f} % |")
+    return "\n".join(lines)
+
+
+def train_memory_table(path: Path) -> str:
+    """Peak RSS of the training phase alone per method (``train_memory.py``)."""
+    r = json.loads(path.read_text())
+    lines = [f"`{r['meta']['command']}` — {r['meta']['device']}, MALLOC_MMAP_THRESHOLD_="
+             f"{r['meta']['malloc_mmap_threshold']}", "",
+             "| method | training peak RSS (MB) | / FT | RSS at train start (MB) | after imports (MB) "
+             "| peak above imports (MB) | / FT | density | steps |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in r["table"]:
+        lines.append(f"| {row['method']} | {row['train_peak_rss_mb']:.0f} | {fmt(row.get('peak_vs_ft'), '.3f')} | "
+                     f"{row['train_start_rss_mb']:.0f} | {row['imports_rss_mb']:.0f} | "
+                     f"{row['peak_above_imports_mb']:.0f} | {fmt(row.get('peak_above_imports_vs_ft'), '.3f')} | "
+                     f"{row['density']:.3f} | {row['optimizer_steps']} |")
+    return "\n".join(lines)
+
+
+def gpu_suite_tables(path: Path) -> str:
+    """Training and inference figures of ``gpu_suite.py``."""
+    r = json.loads(path.read_text())
+    lines = [f"`{r['meta']['command']}` — {r['meta']['device']}, {r['meta']['elapsed_s']:.0f} s", "",
+             "| model | precision | method | step (ms) | max memory allocated (MB) | APT / LoRA step |",
+             "|---|---|---|---|---|---|"]
+    for name in ("roberta", "llama"):
+        section = r.get(name, {})
+        for precision, configs in section.get("train", {}).items():
+            overhead = section["overhead"].get(precision, {}).get("apt_vs_lora_step")
+            for method, m in configs.items():
+                lines.append(f"| {section['shape']} | {precision} | {method} | {1000 * m['step_s']:.1f} | "
+                             f"{fmt(m['max_memory_allocated_mb'], '.0f')} | "
+                             f"{fmt(overhead, '.3f') if method == 'apt_dense' else ''} |")
+    lines += ["", "| model | batch | precision | model | latency (ms) | max memory allocated (MB) |",
+              "|---|---|---|---|---|---|"]
+    for name in ("roberta", "llama"):
+        section = r.get(name, {})
+        for precision, models in section.get("inference", {}).items():
+            for model, m in models.items():
+                lines.append(f"| {section['shape']} | {m['batch']} x {m['seq']} | {precision} | {model} | "
+                             f"{m['latency_ms']:.1f} | {fmt(m['max_memory_allocated_mb'], '.0f')} |")
+    return "\n".join(lines)
+
+
 SUITE_TASKS = ["sst2", "mrpc", "rte", "stsb", "cola"]
 
 if __name__ == "__main__":
@@ -181,3 +258,10 @@ if __name__ == "__main__":
         print(memory_table(RESULTS / (fixed.name.split("_mmap")[0] + ".json"), fixed), "\n")
     for path in sorted(RESULTS.glob("prune_minilm_sst2*.json")):
         print(f"- `{path.name}`: {prune_table(path)}")
+    overhead = sorted(RESULTS.glob("overhead_*.json"))
+    if overhead:
+        print("\n" + overhead_table(overhead), "\n")
+    for name, render in (("event_cost.json", event_table), ("train_memory_sst2.json", train_memory_table),
+                         ("gpu_suite.json", gpu_suite_tables)):
+        if (RESULTS / name).exists():
+            print(render(RESULTS / name), "\n")

@@ -28,8 +28,10 @@ Short CPU demo (a few minutes on 2 cores; the default model is the offline all-M
 The same command runs under ``accelerate launch examples/run_glue.py ...``. The run ends with a summary (task,
 method, main dev metric, kept parameters and, for APT, the exported model's speed-up over the dense model) that
 is also written to ``<output_dir>/summary.json``; the trained adapter (or model) is saved to ``<output_dir>``, and
-APT's pruned model is exported to ``<output_dir>/pruned_model`` (it loads back with ``apt_hf.load_pruned``).
-``python -m apt_hf.plot <output_dir>`` draws the run.
+APT's pruned model is exported to ``<output_dir>/pruned_model`` (it loads back with ``apt_hf.load_pruned``;
+``--export False`` skips the export and the speed test). ``python -m apt_hf.plot <output_dir>`` draws the run. The
+summary also records the peak resident memory of the training phase alone (``train_peak_rss_mb``; on Linux the
+kernel's peak counter is reset when training starts) next to the process's overall peak (``peak_rss_mb``).
 
 Checkpoints and resuming, as in transformers' example: with ``--save_strategy steps`` (or ``epoch``) a run saves
 checkpoints; ``--resume_from_checkpoint <output_dir>/checkpoint-N`` continues from one, and a rerun into an
@@ -182,6 +184,9 @@ class MethodArguments:
                           "replaced on every run; a folder you name must be empty unless --overwrite_export."},
     )
     overwrite_export: bool = field(default=False, metadata={"help": "Allow replacing files in --export_dir."})
+    export: bool = field(default=True, metadata={"help": "APT / LoRA+Prune: export the pruned model after training "
+                                                         "(False: skip the export and the speed test, e.g. when "
+                                                         "only training is measured)."})
     speed_repeats: int = field(default=5, metadata={"help": "Timed forward passes per model for the speed-up "
                                                             "(median is reported); 0 skips timing."})
     speed_batch_size: int = field(default=32, metadata={"help": "Batch size of the speed-up measurement."})
@@ -350,6 +355,43 @@ def median_latencies(models: list[torch.nn.Module], batch_size: int, seq_length:
     return [statistics.median(t) for t in times]
 
 
+def rss_mb(field: str = "VmRSS") -> Optional[float]:
+    """This process's resident memory (``VmRSS``) or its peak (``VmHWM``) in MB, from /proc (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class TrainMemory(TrainerCallback):
+    """Peak resident memory of the training phase alone: the kernel's peak counter (``VmHWM``) is reset when
+    training starts (``/proc/self/clear_refs``, Linux) and read when it ends, so loading before and the final
+    evaluation, export and speed test after do not count. Without the reset, the peak is the process's so far."""
+
+    def __init__(self) -> None:
+        self.start_mb: Optional[float] = None
+        self.peak_mb: Optional[float] = None
+        self.reset = False
+        self.trace: list[tuple[int, Optional[float]]] = []  # (step, RSS MB) at every log
+
+    def on_log(self, args, state, control, **kwargs):
+        self.trace.append((state.global_step, rss_mb()))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.reset = True
+        except OSError:
+            self.reset = False
+        self.start_mb = rss_mb()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.peak_mb = rss_mb("VmHWM")
+
+
 class EvalClock(TrainerCallback):
     """Training wall-clock (evaluation time excluded), the step training (re)started at, and the main dev metric at
     every evaluation, for time-to-accuracy (spec G)."""
@@ -405,6 +447,7 @@ def build_parser() -> HfArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    imports_rss_mb = rss_mb()  # the Python runtime and libraries, before any data or model
     # 1. Parse the arguments.
     parser = build_parser()
     model_args, data_args, method_args, apt_args, training_args = parser.parse_args_into_dataclasses(args=argv)
@@ -490,9 +533,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     # 7. Train (resuming when there is a checkpoint), save, evaluate.
     select_on_task_metric(training_args, spec.main_metric)
     trainer_cls = apt_hf.APTTrainer if method_args.method == "apt" else Trainer
-    clock = EvalClock(spec.main_metric)
+    clock, memory = EvalClock(spec.main_metric), TrainMemory()
     trainer = trainer_cls(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                          processing_class=tokenizer, compute_metrics=metrics_of, callbacks=[clock])
+                          processing_class=tokenizer, compute_metrics=metrics_of, callbacks=[clock, memory])
     # A checkpoint found in --output_dir is passed as True: the Trainer then resumes from the newest one it can use.
     resume = training_args.resume_from_checkpoint or (True if checkpoint is not None else None)
     train_result = trainer.train(resume_from_checkpoint=resume)
@@ -538,12 +581,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     summary.update(eval_history=clock.history, log_history=trainer.state.log_history,
                    best_metric=max([h["metric"] for h in clock.history] or [summary["metric_value"]]),
                    train_time_s=clock.train_time(),
-                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   train_peak_rss_mb=memory.peak_mb, train_start_rss_mb=memory.start_mb, train_rss_trace=memory.trace,
+                   train_peak_is_training_only=memory.reset, imports_rss_mb=imports_rss_mb,
+                   malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
     if trainer.is_world_process_zero():
         if method_args.method in ("apt", "lora_prune"):
             summary["kept_params"] = apt_hf.count_params(model)
             summary["original_params"] = apt_hf.find_apt_model(model).n_params
             summary["density"] = summary["kept_params"] / summary["original_params"]
+        if method_args.method in ("apt", "lora_prune") and method_args.export:
             apt_hf.export_pruned(model, export_dir, tokenizer=tokenizer, overwrite=True)
             summary["export_dir"] = str(export_dir)
             if method_args.speed_repeats > 0:

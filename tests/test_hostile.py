@@ -276,6 +276,8 @@ BAD_VALUES = {
     "distill_num_layers": st.one_of(st.integers(-BIG, 0), INT_FIELD_BAD),
     "transform_rank": st.one_of(st.integers(-BIG, 0), INT_FIELD_BAD),
     "post_distill_lr_ratio": st.one_of(st.floats(-1e9, 0), st.floats(1.0001, 1e9), REAL_BAD),
+    "pretune_density": st.one_of(st.floats(-1e9, 0.3999), st.floats(1.0001, 1e9), REAL_BAD),  # default sparsity 0.6
+    "pretune_batches": st.one_of(st.integers(-BIG, 0), INT_FIELD_BAD),
 }
 
 

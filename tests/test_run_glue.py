@@ -111,6 +111,23 @@ def test_lora_tiny_run(tmp_path):
     assert not (out / "pruned_model").exists()
 
 
+@pytest.mark.slow
+@needs_real_data
+def test_apt_without_export_reports_training_memory(tmp_path):
+    out = tmp_path / "apt"
+    proc = run_script([*TINY_RUN, "--method", "apt", "--output_dir", str(out), "--max_train_samples", "64",
+                       "--pruning_start", "0.1", "--sparsity_warmup", "0.0", "--pruning_end", "0.7",
+                       "--num_pruning_events", "3", "--distillation", "False", "--export", "False"])
+    assert proc.returncode == 0, explain(proc)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["density"] < 1.0 and summary["export_dir"] is None and summary["speedup"] is None
+    assert not (out / "pruned_model").exists()
+    # the training phase's own peak: the counter is reset when training starts (Linux)
+    assert summary["train_peak_is_training_only"] is True
+    assert summary["train_peak_rss_mb"] >= summary["train_start_rss_mb"] > summary["imports_rss_mb"] > 0
+    assert summary["train_rss_trace"] and all(rss > 0 for _, rss in summary["train_rss_trace"])
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 def write_sst2(root: Path, header: str, rows: list[str]) -> Path:
     folder = root / "SST-2"

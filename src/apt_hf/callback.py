@@ -36,6 +36,7 @@ from . import checkpoint, distributed
 from .config import APTConfig
 from .model import APTModel, find_apt_model
 from .optim import apply_param_changes, drop_params
+from .pretune import calibration_batches, gather_static_salience
 from .prune import kept_after
 from .salience import ImportanceTracker, SalienceCollector
 from .schedule import Plan, adapter_budget, mask_step, resolve_plan
@@ -146,6 +147,8 @@ class APTCallback(TrainerCallback):
         self.initial_adapter_size = adapter_size(self.apt.apt_layers(), self.adapter_name)
         self.step = self.salience_step = state.global_step
         self._resume(state.global_step)
+        if state.global_step == 0 and cfg.adaptive_pruning and self.plan.initial_density < 1.0:
+            self._pretune(args, model, optimizer, kwargs.get("train_dataloader"))
         checkpoint.register(self.apt, STATE_NAME, self)
         logger.info("APT schedule: events at %s, windows from %s, final density %.3f", list(self.plan.events),
                     list(self.plan.windows), self.plan.final_density)
@@ -173,6 +176,34 @@ class APTCallback(TrainerCallback):
             callbacks.remove(callback)
         index = next(i for i, c in enumerate(callbacks) if c is self)
         callbacks[index + 1:index + 1] = moved
+
+    def _pretune(self, args, model, optimizer, train_dataloader) -> None:
+        """Spec D.6: static salience over ``pretune_batches`` random training batches, one hard search at
+        ``pretune_density``, physical removal; the EMA of training then starts afresh on the pruned model."""
+        cfg, apt = self.config, self.apt
+        if train_dataloader is None:
+            raise ValueError("APTConfig.pretune_density < 1 needs the training dataloader at train start; use a "
+                             "transformers Trainer (or APTTrainer) with a train_dataset.")
+        batches = calibration_batches(train_dataloader.dataset, train_dataloader.collate_fn,
+                                      args.per_device_train_batch_size, cfg.pretune_batches, args.seed,
+                                      train_dataloader)
+        collector = self.collector
+        counted = gather_static_salience(model, collector, batches, args.device)
+        if counted == 0:
+            raise ValueError("Pre-tuning pruning got no usable calibration batch (empty dataset, or every loss "
+                             "gradient was not finite).")
+        before = [p for p in apt.parameters() if p.requires_grad]
+        self._move_masks(self.plan.initial_density, hard=True)
+        changes = self._remove_masked()
+        self._commit(optimizer, before, changes)
+        self.collector = SalienceCollector(apt.layout, cfg.salience_beta, collector.use_kurtosis)
+        self.initial_adapter_size = adapter_size(apt.apt_layers(), self.adapter_name)
+        stats = self.stats()
+        self._pending.update(stats, **{"apt/pretune_batches": counted})
+        logger.info("APT pre-tuning pruning (static salience over %d batches): target density %.4f, kept %.4f (%d "
+                    "params), heads %d, neurons %d, hidden %d", counted, self.plan.initial_density,
+                    stats["apt/density"], stats["apt/params"], stats["apt/heads"], stats["apt/neurons"],
+                    stats["apt/hidden"])
 
     def _collecting(self, step: int) -> bool:
         """Salience/importance are gathered from the window start until the last event (spec C.2)."""
@@ -220,7 +251,7 @@ class APTCallback(TrainerCallback):
             return control
         event = self.plan.events[k]
         target = self.plan.target(event)
-        prune_now = self.config.adaptive_pruning and target < 1.0
+        prune_now = self.config.adaptive_pruning and self.plan.prunes(event)
         if prune_now and self.plan.windows[k] <= step < event:
             self._move_masks(target, hard=False)
         if step == event:
@@ -252,8 +283,9 @@ class APTCallback(TrainerCallback):
         apt, masks, col = self.apt, self.apt.masks, self.collector
         cm = apt.count_model()
         layout = apt.layout
-        head_cost, neuron_cost = cm.block_costs(int((masks.hidden > 0).sum()))
-        hidden_cost = cm.hidden_cost([m > 0 for m in masks.heads], [m > 0 for m in masks.neurons])
+        now_h, now_n, now_d = masks.values()  # the search runs on the CPU: one transfer, not one per mask
+        head_cost, neuron_cost = cm.block_costs(int((now_d > 0).sum()))
+        hidden_cost = cm.hidden_cost([m > 0 for m in now_h], [m > 0 for m in now_n])
         budget = target * apt.n_params
         s_heads, s_neurons, s_hidden = col.ema_heads, col.ema_neurons, col.ema_hidden
         if self.held is not None:  # blocks pruned at an earlier event but not yet removed score 0 and stay out
@@ -274,13 +306,10 @@ class APTCallback(TrainerCallback):
             allowed = self.held
             kept = fill_budget(cm, (keep_h, keep_n, keep_d), densities, budget, allowed)
             keep_h, keep_n, keep_d = swap_to_budget(cm, kept, densities, budget, allowed=allowed)
-        with torch.no_grad():
-            for i, keep in enumerate(keep_h):
-                masks.heads[i] = mask_step(masks.heads[i], keep.to(masks.heads[i].device), self.config.mask_decay, hard)
-            for i, keep in enumerate(keep_n):
-                masks.neurons[i] = mask_step(masks.neurons[i], keep.to(masks.neurons[i].device), self.config.mask_decay,
-                                             hard)
-            masks.hidden.copy_(mask_step(masks.hidden, keep_d.to(masks.hidden.device), self.config.mask_decay, hard))
+        decay = self.config.mask_decay
+        masks.set_values([mask_step(m, k, decay, hard) for m, k in zip(now_h, keep_h)],
+                         [mask_step(m, k, decay, hard) for m, k in zip(now_n, keep_n)],
+                         mask_step(now_d, keep_d, decay, hard))
         # The search is deterministic and its inputs were averaged over processes, so ranks agree already; rank 0's
         # masks are made authoritative anyway (no-op in one process).
         distributed.broadcast_([*masks.heads, *masks.neurons, masks.hidden])
@@ -303,7 +332,7 @@ class APTCallback(TrainerCallback):
         Called by the distillation callback right before a teacher refresh and when distillation ends (spec D.5)."""
         if self.held is None:
             return
-        before = list(self.apt.parameters())
+        before = [p for p in self.apt.parameters() if p.requires_grad]
         changes = self._remove_masked()
         self._commit(optimizer, before, changes)
         stats = self.stats()
@@ -330,7 +359,7 @@ class APTCallback(TrainerCallback):
             logger.warning("APT event %d at step %d acts on salience last updated at step %d (%d steps ago): the "
                            "gradients of the steps since were not finite. Check the loss for divergence.", k + 1,
                            self.plan.events[k], self.salience_step, stale)
-        before = list(apt.parameters())
+        before = [p for p in apt.parameters() if p.requires_grad]  # frozen weights: freed as they are replaced
         changes = []
         if prune_now:
             self._move_masks(target, hard=True)

@@ -29,10 +29,11 @@ runs the pruned base model, not the original dense one. For a model that loads w
 """
 
 TEACHER_REFRESH = ("window", "eval", "never", "latest")  # see APTConfig.teacher_refresh
-_INT_FIELDS = ("r", "num_pruning_events", "mask_decay_window", "max_rank", "distill_num_layers", "transform_rank")
+_INT_FIELDS = ("r", "num_pruning_events", "mask_decay_window", "max_rank", "distill_num_layers", "transform_rank",
+               "pretune_batches")
 _REAL_FIELDS = ("lora_alpha", "lora_dropout", "target_sparsity", "pruning_start", "pruning_end", "sparsity_warmup",
                 "mask_decay", "salience_beta", "tuning_budget_ratio", "distill_end", "distill_temperature",
-                "distill_pred_weight", "distill_layer_weight", "post_distill_lr_ratio")
+                "distill_pred_weight", "distill_layer_weight", "post_distill_lr_ratio", "pretune_density")
 _OPTIONAL_FIELDS = ("mask_decay_window", "distill_end", "distill_pred_weight")  # None = derived from other fields
 
 # The paper's schedule (spec D.2, D.3, F.2, H.1, H.2: RoBERTa/T5 GLUE scripts, 40 epochs): window from step 200 to
@@ -81,6 +82,12 @@ class APTConfig(PeftConfig):
         use_kurtosis: add ``sqrt(max(Kurt, 0))`` of the activation-weighted weights (spec C.1). ``None`` turns it
             on for decoder-only LMs and off for encoders, as in the reference results (spec K.3).
         adaptive_pruning: switch for pruning (``False`` is the paper's "w/o A_P" ablation).
+        pretune_density: pre-tuning pruning (spec D.6, the paper's LLaMA setting): before the first training step,
+            static salience (summed, with the kurtosis term when ``use_kurtosis``) is gathered over
+            ``pretune_batches`` random training batches, the model is pruned physically to this density in one shot,
+            and the cubic schedule then runs from it to ``1 - target_sparsity``. 1.0 (default) switches it off;
+            ``1 - target_sparsity`` prunes straight to the target before tuning.
+        pretune_batches: calibration batches (of the training batch size) for pre-tuning pruning (spec H.2: 64).
 
     Adaptive tuning (spec E, K.5):
         adaptive_tuning: switch for rank growth (``False`` is the paper's "w/o A_T" ablation).
@@ -135,6 +142,8 @@ class APTConfig(PeftConfig):
     salience_beta: float = field(default=0.85, metadata={"help": "EMA factor of salience and importance."})
     use_kurtosis: Optional[bool] = field(default=None, metadata={"help": "Outlier-aware kurtosis term."})
     adaptive_pruning: bool = field(default=True, metadata={"help": "Prune (False = 'w/o A_P')."})
+    pretune_density: float = field(default=1.0, metadata={"help": "Density of pre-tuning pruning (1 = off, D.6)."})
+    pretune_batches: int = field(default=64, metadata={"help": "Calibration batches of pre-tuning pruning."})
     # Adaptive tuning.
     adaptive_tuning: bool = field(default=True, metadata={"help": "Grow ranks (False = 'w/o A_T')."})
     max_rank: int = field(default=64, metadata={"help": "Rank cap of any adapter."})
@@ -218,6 +227,14 @@ class APTConfig(PeftConfig):
             raise bad("distill_end", self.distill_end, "use a step count (int) or a fraction of training (float <= 1)")
         if self.teacher_refresh not in TEACHER_REFRESH:
             raise bad("teacher_refresh", self.teacher_refresh, f"use one of {', '.join(TEACHER_REFRESH)}")
+        if not 1.0 - self.target_sparsity - 1e-9 <= self.pretune_density <= 1.0:
+            raise bad("pretune_density", self.pretune_density,
+                      f"use a density in [1 - target_sparsity, 1] = [{1.0 - self.target_sparsity:g}, 1]; 1 switches "
+                      "pre-tuning pruning off")
+        if self.pretune_density < 1.0 and not self.adaptive_pruning:
+            raise bad("pretune_density", self.pretune_density, "pre-tuning pruning needs adaptive_pruning=True")
+        if self.pretune_batches < 1:
+            raise bad("pretune_batches", self.pretune_batches, "use at least 1 calibration batch (spec: 64)")
         if self.tuning_budget_ratio < 1.0:
             raise bad("tuning_budget_ratio", self.tuning_budget_ratio, "use a ratio >= 1 (the spec uses 4.0)")
 

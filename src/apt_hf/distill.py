@@ -37,6 +37,27 @@ def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return t * t * kl.mean()
 
 
+def prediction_logits(output) -> list[torch.Tensor]:
+    """The logits the prediction loss compares (spec F.3): ``logits``, or for extractive QA the start and the end
+    logits (the loss is then the mean of their two KL terms)."""
+    logits = getattr(output, "logits", None)
+    if logits is not None:
+        return [logits]
+    spans = [getattr(output, name, None) for name in ("start_logits", "end_logits")]
+    if all(s is not None for s in spans):
+        return spans
+    raise ValueError(f"{type(output).__name__} has neither `logits` nor `start_logits`/`end_logits`; APT's "
+                     "prediction-distillation loss cannot compare it (set APTConfig.distill_pred_weight=0).")
+
+
+def next_token_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Positions of causal-LM logits that predict a target token: position ``i`` predicts label ``i + 1``, so the
+    mask is ``labels[:, 1:] != -100`` shifted left by one (the last position predicts nothing)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
 def sample_teacher_layers(num_layers: int, num_blocks: int, generator: Optional[torch.Generator] = None) -> list[int]:
     """One layer drawn uniformly from each of ``num_blocks`` contiguous blocks of the layers (spec F.3)."""
     if num_layers <= 0:
@@ -205,12 +226,13 @@ class Teacher(ParamSnapshot):
         return {n: params[n].detach() for n in self.names}
 
     def structure(self) -> Optional[dict[str, torch.Tensor]]:
-        """The detached copy's record of kept original positions (``kept_*`` mask buffers); ``None`` if attached."""
+        """The detached copy's mask buffers (its record of kept original positions, ``kept_*``, with the masks that
+        record is checked against); ``None`` if attached."""
         from .model import find_apt_model  # (model.py imports this module)
 
         if self.model is None:
             return None
-        return {k: v.clone() for k, v in find_apt_model(self.model).masks.state_dict().items() if k.startswith("kept_")}
+        return {k: v.clone() for k, v in find_apt_model(self.model).masks.state_dict().items()}
 
     def rebuild(self, root: nn.Module, structure: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
         """Re-create a detached teacher when training resumes: copy ``root`` (still the unpruned model), prune the
@@ -271,5 +293,4 @@ def default_pred_weight(task: str) -> float:
 
 
 __all__ = ["ParamSnapshot", "Teacher", "alive_layers", "default_pred_weight", "layer_candidates", "layer_loss",
-           "make_transform",
-           "prediction_loss", "sample_teacher_layers"]
+           "make_transform", "next_token_mask", "prediction_logits", "prediction_loss", "sample_teacher_layers"]

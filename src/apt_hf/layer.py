@@ -19,11 +19,20 @@ class ParamChange:
     ``index[d]`` lists which positions of ``old`` along dimension ``d`` survive (``None``: all); they land, in
     order, at the start of ``new`` along that dimension, and any remaining positions of ``new`` are fresh (zero
     optimizer state). Pruning selects, rank growth pads; both are described this way (spec K.6).
+
+    ``old`` is the replaced parameter itself when it is trainable (the optimizer state and the distillation
+    snapshot are found through it); a frozen one is recorded as a storage-free (meta) tensor of its shape and
+    dtype, so that its memory is released as soon as its module lets go of it, not after the whole event.
     """
 
-    old: nn.Parameter
+    old: torch.Tensor
     new: nn.Parameter
     index: tuple[Optional[torch.Tensor], ...]
+
+
+def released(old: torch.Tensor) -> torch.Tensor:
+    """What a :class:`ParamChange` keeps of a replaced parameter (see there)."""
+    return old if old.requires_grad else torch.empty(old.shape, dtype=old.dtype, device="meta")
 
 
 def replace_param(module: nn.Module, name: str, data: torch.Tensor, index: tuple, changes: list[ParamChange]) -> None:
@@ -31,7 +40,7 @@ def replace_param(module: nn.Module, name: str, data: torch.Tensor, index: tuple
     old = getattr(module, name)
     new = nn.Parameter(data.contiguous(), requires_grad=old.requires_grad)
     setattr(module, name, new)
-    changes.append(ParamChange(old, new, index))
+    changes.append(ParamChange(released(old), new, index))
 
 
 def select_linear(
@@ -161,7 +170,7 @@ class APTLinear(nn.Module, BaseTunerLayer):
             old = store[adapter_name]
             new = nn.Parameter(data, requires_grad=old.requires_grad)
             store[adapter_name] = new
-            changes.append(ParamChange(old, new, index))
+            changes.append(ParamChange(released(old), new, index))
         self.r[adapter_name] = new_r
         return changes
 
@@ -177,11 +186,11 @@ class APTLinear(nn.Module, BaseTunerLayer):
                 a = self.apt_A[name]
                 old = a
                 self.apt_A[name] = nn.Parameter(a.data.index_select(1, in_idx.to(a.device)), requires_grad=a.requires_grad)
-                changes.append(ParamChange(old, self.apt_A[name], (None, in_idx)))
+                changes.append(ParamChange(released(old), self.apt_A[name], (None, in_idx)))
             if out_idx is not None:
                 b = self.apt_B[name]
                 self.apt_B[name] = nn.Parameter(b.data.index_select(0, out_idx.to(b.device)), requires_grad=b.requires_grad)
-                changes.append(ParamChange(b, self.apt_B[name], (out_idx, None)))
+                changes.append(ParamChange(released(b), self.apt_B[name], (out_idx, None)))
 
     def __repr__(self) -> str:
         ranks = ", ".join(f"{k}: r={v}" for k, v in self.r.items())

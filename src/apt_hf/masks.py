@@ -95,6 +95,28 @@ class APTMasks(nn.Module):
         self._full_cache[key] = (t._version, t.data_ptr(), full)
         return full
 
+    def values(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """CPU copies of the head, neuron and hidden masks, with one device-to-host transfer."""
+        live = [*self.heads, *self.neurons, self.hidden]
+        flat = torch.cat([m.detach().reshape(-1) for m in live]).cpu()
+        parts = list(flat.split([m.numel() for m in live]))
+        n_h = len(self.heads)
+        return parts[:n_h], parts[n_h:-1], parts[-1]
+
+    @torch.no_grad()
+    def set_values(self, heads: list[torch.Tensor], neurons: list[torch.Tensor], hidden: torch.Tensor) -> None:
+        """Write all masks from CPU tensors with one host-to-device transfer, and record which are all ones (from
+        the CPU values), so the forward pass's :meth:`is_full` checks need no device synchronisation."""
+        live = [*self.heads, *self.neurons, self.hidden]
+        new = [*heads, *neurons, hidden]
+        for i, (target, value) in enumerate(zip(live, new)):
+            if value.shape != target.shape:
+                raise ValueError(f"mask {i} has shape {tuple(target.shape)}; got {tuple(value.shape)}.")
+        flat = torch.cat([v.reshape(-1).to(live[0].dtype) for v in new]).to(live[0].device)
+        for target, value, part in zip(live, new, flat.split([t.numel() for t in live])):
+            target.copy_(part.view_as(target))
+            self._full_cache[id(target)] = (target._version, target.data_ptr(), bool((value == 1).all()))
+
     def summary(self) -> dict[str, float]:
         """Kept (mask > 0) heads, neurons and hidden dimensions."""
         return {

@@ -164,6 +164,7 @@ class ArchSpec:
     layout: Callable[[nn.Module], Layout]  # the Layout of a transformers model of this family
     set_heads: SetHeads  # make an attention core match projections that now hold fewer (or no) heads
     target_modules: tuple[str, ...]  # default adapter targets (spec A.2)
+    kind: str  # "encoder", "decoder" (causal LM) or "encoder-decoder"
     readers: tuple[str, ...] = ()  # task-head linears that read the residual stream (module-name suffixes)
     norm: str = "layer"  # kind of the residual-stream norms: one of NORM_KINDS
     kurtosis: bool = False  # default of APTConfig.use_kurtosis (spec C.2: the outlier term, used for LLMs)

@@ -15,7 +15,7 @@ Every function here is pure (no model, no global state).  Steps are optimizer st
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -74,17 +74,20 @@ def pruning_event_steps(start: int, end: int, num_events: int) -> list[int]:
     return [start + (k * span) // num_events for k in range(1, num_events + 1)]
 
 
-def target_density(step: int, *, start: int, end: int, warmup_steps: int, final_density: float) -> float:
-    """Target density (fraction of parameters kept) at ``step`` (spec D.2, J.1).
+def target_density(step: int, *, start: int, end: int, warmup_steps: int, final_density: float,
+                   initial_density: float = 1.0) -> float:
+    """Target density (fraction of parameters kept) at ``step`` (spec D.2, J.1, D.6).
 
-    ``rho(t) = min(1, rho_T + (1 - rho_T) * ((end - t) / (end - t_w)) ** 3)`` with
-    ``t_w = start + warmup_steps``.  Returns exactly ``1.0`` for ``step <= t_w`` (the
-    warm-up plateau) and exactly ``final_density`` for ``step >= end``.
+    ``rho(t) = min(rho_0, rho_T + (rho_0 - rho_T) * ((end - t) / (end - t_w)) ** 3)`` with
+    ``t_w = start + warmup_steps``.  Returns exactly ``initial_density`` (``rho_0``) for ``step <= t_w``
+    (the warm-up plateau) and exactly ``final_density`` for ``step >= end``.  ``rho_0`` is 1, or the
+    density reached by pre-tuning pruning (spec D.6: the cubic schedule then starts from it).
 
     Raises:
         ValueError: if ``start < 0``, ``warmup_steps < 0``, ``final_density`` is not in
-            ``(0, 1]``, or ``end <= start + warmup_steps`` (the warm-up would swallow the
-            whole pruning window, leaving no step at which density can decrease).
+            ``(0, 1]``, ``initial_density`` is not in ``[final_density, 1]``, or
+            ``end <= start + warmup_steps`` (the warm-up would swallow the whole pruning
+            window, leaving no step at which density can decrease).
     """
     if start < 0:
         raise ValueError(f"start must be >= 0 (got {start}); pass the first step of the pruning window.")
@@ -95,6 +98,11 @@ def target_density(step: int, *, start: int, end: int, warmup_steps: int, final_
             f"final_density must be in (0, 1] (got {final_density}); it is the fraction of "
             "parameters KEPT, e.g. 0.4 for 60% sparsity."
         )
+    if not final_density - 1e-9 <= initial_density <= 1.0:
+        raise ValueError(
+            f"initial_density must be in [final_density, 1] (got {initial_density} with final_density "
+            f"{final_density}); pre-tuning pruning cannot go below the final target."
+        )
     t_w = start + warmup_steps
     if end <= t_w:
         raise ValueError(
@@ -102,11 +110,11 @@ def target_density(step: int, *, start: int, end: int, warmup_steps: int, final_
             "shorten the sparsity warm-up or extend the pruning window."
         )
     if step <= t_w:
-        return 1.0
+        return float(initial_density)
     if step >= end:
         return float(final_density)
     remaining = (end - step) / (end - t_w)
-    return min(1.0, final_density + (1.0 - final_density) * remaining**3)
+    return min(initial_density, final_density + max(0.0, initial_density - final_density) * remaining**3)
 
 
 def adapter_budget(step: int, *, start: int, end: int, initial: int, ratio: float) -> int:
@@ -245,18 +253,23 @@ class Plan:
     events: tuple[int, ...]
     windows: tuple[int, ...]  # first step of the mask-decay window before each event
     final_density: float
+    initial_density: float = 1.0  # below 1 after pre-tuning pruning (spec D.6)
     # Distillation runs over steps [distill_start, distill_end) (spec F.2); None when the run does not distil.
     distill_start: Optional[int] = None
     distill_end: Optional[int] = None
 
     def target(self, step: int) -> float:
         return target_density(step, start=self.start, end=self.end, warmup_steps=self.warmup,
-                              final_density=self.final_density)
+                              final_density=self.final_density, initial_density=self.initial_density)
+
+    def prunes(self, step: int) -> bool:
+        """Whether the event at ``step`` prunes: its target is below the density training starts from."""
+        return self.target(step) < self.initial_density
 
     @property
     def first_real_event(self) -> Optional[int]:
-        """The first event whose target density is below 1 (None if nothing is pruned)."""
-        return next((e for e in self.events if self.target(e) < 1), None)
+        """The first event that prunes (None if nothing is pruned)."""
+        return next((e for e in self.events if self.prunes(e)), None)
 
 
 def resolve_plan(cfg: APTConfig, max_steps: int, distill: bool = True) -> Plan:
@@ -284,7 +297,8 @@ def resolve_plan(cfg: APTConfig, max_steps: int, distill: bool = True) -> Plan:
     if window is None:
         window = auto_decay_window(start, end, cfg.num_pruning_events)
     windows = tuple(decay_window_start(e, events[i - 1] if i else None, window, start) for i, e in enumerate(events))
-    plan = Plan(start, end, warmup, events, windows, 1.0 - cfg.target_sparsity)
+    final = 1.0 - cfg.target_sparsity
+    plan = Plan(start, end, warmup, events, windows, final, max(final, cfg.pretune_density))
     first = plan.first_real_event
     if not (distill and cfg.distillation and cfg.adaptive_pruning) or first is None:
         return plan
@@ -293,4 +307,4 @@ def resolve_plan(cfg: APTConfig, max_steps: int, distill: bool = True) -> Plan:
         raise ValueError(f"APTConfig.distill_end resolves to step {distill_end} of this run's {max_steps} optimizer "
                          f"steps, not after the first real pruning event (step {first}), so the distillation "
                          "schedule is empty; raise distill_end or set distillation=False.")
-    return Plan(start, end, warmup, events, windows, plan.final_density, first + 1, distill_end)
+    return replace(plan, distill_start=first + 1, distill_end=distill_end)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -321,12 +322,16 @@ def fill_budget(
     return heads, neurons, hidden
 
 
-def _block_cost(cm, kind: str, l: int, d: int, per_dim: float) -> tuple[float, float]:
-    """Parameters of one head (of a layer without key/value sharing), neuron or hidden dimension at width ``d``, and
-    how much it adds to the cost of one hidden dimension (spec B.3, the terms of ``CountModel.count``)."""
+def _block_cost(cm, kind: str, l: int, d: int, per_dim: float, size: int = 1) -> tuple[float, float]:
+    """Parameters of one head (of a layer without key/value sharing), grouped-query row (``size`` heads), neuron or
+    hidden dimension at width ``d``, and how much it adds to the cost of one hidden dimension (spec B.3, the terms
+    of ``CountModel.count``)."""
     if kind == "h":
         dh, qb = cm.head_dim[l], cm.qkv_bias[l]
         return d * dh * 4 + qb * dh * 3, dh * 4
+    if kind == "r":  # a row of a grouped-query layer: one query head (q and o) in each of ``size`` live groups
+        dh, qb = cm.head_dim[l], cm.qkv_bias[l]
+        return size * (d * dh * 2 + qb * dh), size * dh * 2
     if kind == "n":
         return cm.ffn_mats[l] * d + cm.ffn_in_bias[l], cm.ffn_mats[l]
     return per_dim, 0.0
@@ -348,8 +353,11 @@ def swap_to_budget(
     kept already. As in the classic repair of greedy knapsack, one not-kept block (the densest first, up to
     ``max_tries``) is taken back and the least dense kept blocks are dropped until the count fits again, skipping any
     whose removal would fall below the lower bound; the first swap that lands in the interval is returned, otherwise
-    ``kept`` unchanged. Heads of grouped-query layers (kept by whole rows) and blocks not in ``allowed`` (e.g. held
-    back while distilling) are never touched. The result never exceeds ``budget``.
+    ``kept`` unchanged. In grouped-query layers the unit is a row, as in :func:`fill_budget`: taking one back adds
+    the best remaining query head of every live key/value group (when each has one), dropping one removes the least
+    dense kept head of every group (when each keeps two or more, so no group dies); a row's density is the mean of
+    its heads'. Blocks not in ``allowed`` (e.g. held back while distilling) are never touched. The result never
+    exceeds ``budget``.
     """
     cm = count_model
     heads, neurons, hidden = [h.clone() for h in kept[0]], [n.clone() for n in kept[1]], kept[2].clone()
@@ -359,10 +367,12 @@ def swap_to_budget(
         return heads, neurons, hidden
     ok = allowed or ([torch.ones_like(h) for h in heads], [torch.ones_like(n) for n in neurons],
                      torch.ones_like(hidden))
-    blocks: list[tuple[float, str, int, int, bool]] = []  # density, kind, layer, index, kept
+    blocks: list[tuple[float, str, int, Any, bool]] = []  # density, kind, layer, index (a row: head list), kept
     for l, (k, a, dens) in enumerate(zip(heads, ok[0], densities[0])):
         if cm.group_size[l] == 1:
             blocks += [(float(dens[j]), "h", l, j, bool(k[j])) for j in torch.nonzero(a).flatten().tolist()]
+        else:
+            blocks += _gqa_rows(k, a, dens, cm.group_size[l], l)
     for l, (k, a, dens) in enumerate(zip(neurons, ok[1], densities[1])):
         blocks += [(float(dens[j]), "n", l, j, bool(k[j])) for j in torch.nonzero(a).flatten().tolist()]
     blocks += [(float(densities[2][j]), "d", 0, j, bool(hidden[j])) for j in torch.nonzero(ok[2]).flatten().tolist()]
@@ -370,19 +380,45 @@ def swap_to_budget(
     in_blocks = sorted((b for b in blocks if b[4]), key=lambda b: b[0])
     d0, per_dim0 = int(hidden.sum()), float(cm.hidden_cost(heads, neurons))
     for _, kind, l, j, _ in out_blocks:
-        cost, grow = _block_cost(cm, kind, l, d0, per_dim0)
+        cost, grow = _block_cost(cm, kind, l, d0, per_dim0, _size(j))
         t, per_dim, d = total + cost, per_dim0 + grow, d0 + (kind == "d")
         dropped = []
         for blk in in_blocks:
             if t <= budget:
                 break
-            c, g = _block_cost(cm, blk[1], blk[2], d, per_dim)
+            if blk[1] == "r" and blk[2] == l and kind == "r":  # rows of one layer are taken one at a time
+                continue
+            c, g = _block_cost(cm, blk[1], blk[2], d, per_dim, _size(blk[3]))
             if t - c >= lower:
                 t, per_dim, d = t - c, per_dim - g, d - (blk[1] == "d")
                 dropped.append(blk)
         if lower <= t <= budget:
             for blk, value in [((None, kind, l, j), True)] + [(b, False) for b in dropped]:
-                target = heads[blk[2]] if blk[1] == "h" else neurons[blk[2]] if blk[1] == "n" else hidden
+                target = heads[blk[2]] if blk[1] in "hr" else neurons[blk[2]] if blk[1] == "n" else hidden
                 target[blk[3]] = value
             return heads, neurons, hidden
     return heads, neurons, hidden
+
+
+def _size(index: Any) -> int:
+    return len(index) if isinstance(index, list) else 1
+
+
+def _gqa_rows(kept: torch.Tensor, allowed: torch.Tensor, dens: torch.Tensor, g: int, layer: int
+              ) -> list[tuple[float, str, int, list[int], bool]]:
+    """The row that can be taken back and the row that can be dropped in one grouped-query layer (see
+    :func:`swap_to_budget`)."""
+    k, a, s = heads_by_group(kept, g), heads_by_group(allowed, g), heads_by_group(dens, g).float()
+    live = torch.nonzero(kv_heads_kept(kept, g)).flatten().tolist()
+    if not live:
+        return []
+    rows = []
+    addable = [torch.nonzero(~k[q] & a[q]).flatten() for q in live]
+    if all(len(c) for c in addable):
+        best = [q * g + int(c[s[q, c].argmax()]) for q, c in zip(live, addable)]
+        rows.append((float(dens[best].float().mean()), "r", layer, best, False))
+    droppable = [torch.nonzero(k[q] & a[q]).flatten() for q in live]
+    if all(int(k[q].sum()) >= 2 and len(c) for q, c in zip(live, droppable)):
+        worst = [q * g + int(c[s[q, c].argmin()]) for q, c in zip(live, droppable)]
+        rows.append((float(dens[worst].float().mean()), "r", layer, worst, True))
+    return rows

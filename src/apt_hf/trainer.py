@@ -22,8 +22,8 @@ from transformers import Trainer, TrainerCallback
 
 from . import checkpoint, distributed
 from .callback import APTCallback, is_training_log
-from .distill import (ParamSnapshot, Teacher, alive_layers, default_pred_weight, layer_loss, prediction_loss,
-                      sample_teacher_layers)
+from .distill import (ParamSnapshot, Teacher, alive_layers, default_pred_weight, layer_loss, next_token_mask,
+                      prediction_logits, prediction_loss, sample_teacher_layers)
 from .model import APTModel, find_apt_model
 from .optim import reset_state
 from .schedule import distill_mu, post_distill_lr_factor
@@ -87,7 +87,7 @@ class DistillCallback(TrainerCallback):
                 logger.warning("APT distillation skipped: no pruning event has a target density below 1.")
             return control
         self.start, self.end = plan.distill_start, plan.distill_end
-        real = [k for k, e in enumerate(plan.events) if plan.target(e) < 1]
+        real = [k for k, e in enumerate(plan.events) if plan.prunes(e)]
         self.refresh_steps = {plan.windows[k] for k in real if plan.windows[k] < self.end}
         if cfg.teacher_refresh == "never":  # only the first teacher is taken
             self.refresh_steps = {min(self.refresh_steps, default=self.start - 1)}
@@ -372,12 +372,16 @@ class APTTrainer(Trainer):
 
     def _distill_losses(self, student, teacher, inputs, apt: APTModel, cfg) -> tuple[torch.Tensor, torch.Tensor]:
         labels = inputs.get("labels")
-        logits_s, logits_t = student.logits, teacher.logits
+        pairs = list(zip(prediction_logits(student), prediction_logits(teacher)))
         token_mask = None
-        if logits_s.dim() == 3:
-            token_mask = labels != -100 if labels is not None and labels.shape == logits_s.shape[:2] else \
-                inputs.get("attention_mask")
-        pred = prediction_loss(logits_s, logits_t, cfg.distill_temperature, token_mask)
+        if pairs[0][0].dim() == 3:  # per-token logits: KL per target token (spec F.3, seq2seq / causal LM)
+            if labels is not None and labels.shape == pairs[0][0].shape[:2]:
+                causal = type(apt.model).__name__.endswith("ForCausalLM")
+                token_mask = next_token_mask(labels) if causal else labels != -100
+            else:
+                token_mask = inputs.get("attention_mask")
+        # extractive QA: the mean of the start- and the end-position KL (spec F.3)
+        pred = sum(prediction_loss(s, t, cfg.distill_temperature, token_mask) for s, t in pairs) / len(pairs)
         alive = alive_layers(apt.layout, apt.masks)
         transform = getattr(apt, "apt_transform", None) or torch.nn.Identity()
         normalize = apt.layout.spec.distill_normalize

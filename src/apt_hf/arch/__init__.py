@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any
+from typing import Any, Optional
 
 from torch import nn
 
@@ -22,7 +22,7 @@ from ..runtime import ArchSpec, AttentionSite, FFNSite, Layout, Stack, base_line
 from .count import CountModel
 
 __all__ = ["FAMILIES", "SPECS", "ArchSpec", "AttentionSite", "FFNSite", "Layout", "Stack", "base_linear",
-           "describe", "family_of", "spec_for", "spec_of_family", "CountModel", "UnsupportedArchitectureError"]
+           "describe", "family_of", "find_spec", "spec_for", "spec_of_family", "CountModel", "UnsupportedArchitectureError"]
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -58,11 +58,16 @@ def _supported() -> str:
     return ", ".join(f"{s.family} ({', '.join(s.model_types)})" for s in SPECS)
 
 
+def find_spec(config: Any) -> Optional[ArchSpec]:
+    """The spec that serves a transformers config (or config dict), or ``None`` if apt_hf does not support it."""
+    return next((spec for spec in SPECS if spec.matches(config)), None)
+
+
 def spec_for(config: Any, what: str = "") -> ArchSpec:
     """The spec that serves a transformers config (or config dict): the first whose match test accepts it."""
-    for spec in SPECS:
-        if spec.matches(config):
-            return spec
+    spec = find_spec(config)
+    if spec is not None:
+        return spec
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     raise UnsupportedArchitectureError(
         f"apt_hf does not support model_type={model_type!r}{f' ({what})' if what else ''}. Supported: "

@@ -40,6 +40,7 @@ SPEC = ArchSpec(
     layout=layout,
     set_heads=heads_setter(count_attrs=("num_attention_heads",), width_attrs=("all_head_size",), o_inside=False),
     target_modules=("query", "value", "intermediate.dense"),
+    kind="encoder",
     readers=("pooler.dense", "classifier.dense", "qa_outputs", "lm_head.dense", "cls.predictions.transform.dense"),
     norm="layer",
     first_token_classifier=True,

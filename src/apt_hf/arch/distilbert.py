@@ -41,6 +41,7 @@ SPEC = ArchSpec(
     layout=layout,
     set_heads=heads_setter(count_attrs=("n_heads",)),
     target_modules=("q_lin", "v_lin", "lin1"),
+    kind="encoder",
     readers=("pre_classifier", "qa_outputs", "vocab_transform"),
     norm="layer",
     first_token_classifier=True,

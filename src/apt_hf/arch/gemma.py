@@ -44,6 +44,7 @@ SPEC = ArchSpec(
     layout=layout,
     set_heads=heads_setter(group_attr="num_key_value_groups"),
     target_modules=("q_proj", "v_proj"),
+    kind="decoder",
     readers=("lm_head", "score", "qa_outputs"),
     norm="rms_one_plus",
     kurtosis=True,

@@ -177,6 +177,7 @@ SPEC = ArchSpec(
     layout=layout,
     set_heads=set_heads,
     target_modules=("q", "v", "wi_0", "wi"),
+    kind="encoder-decoder",
     readers=("lm_head",),
     norm="rms",
     distill_normalize=True,
