@@ -7,6 +7,8 @@ test_foundation.py (EXACT_KINDS, DECODER_KINDS) and test_stock_loading.py (a fre
 
 from __future__ import annotations
 
+import dataclasses
+
 import peft
 import pytest
 import torch
@@ -69,3 +71,12 @@ def test_dispatch_is_by_model_type_and_names_the_supported_families():
     assert spec_for({"model_type": "apt_pruned_xlm-roberta"}).family == "bert"  # an export's config
     with pytest.raises(UnsupportedArchitectureError, match=r"(?s)'gpt2'.*bert \(bert, roberta.*gemma \(gemma2"):
         spec_for({"model_type": "gpt2"})
+
+
+def test_a_match_test_narrows_a_spec():
+    """A spec's optional match test on the config (the PEFT-style dispatcher's extension point) can refuse a variant
+    its model_type covers."""
+    bert = spec_for(make_config("bert"))
+    narrowed = dataclasses.replace(bert, match=lambda config: getattr(config, "num_hidden_layers", 0) > 3)
+    assert bert.matches(make_config("bert")) and not narrowed.matches(make_config("bert"))
+    assert narrowed.matches(make_config("bert", num_hidden_layers=4))

@@ -30,7 +30,8 @@ def _site_names(layout: runtime.Layout) -> tuple[list[str], list[str]]:
         where = "layer" if stack.name == "main" else stack.name
         for j, (att, ffn) in enumerate(stack.layers):
             for i in att:
-                attns[i] = f"{where} {j}" if stack.name == "main" else f"{where} {j} {layout.attentions[i].kind}-attention"
+                kind = "" if stack.name == "main" else f" {layout.attentions[i].kind}-attention"
+                attns[i] = f"{where} {j}{kind}"
             for i in ffn:
                 ffns[i] = f"{where} {j}"
     return attns, ffns

@@ -22,7 +22,8 @@ from ..runtime import ArchSpec, AttentionSite, FFNSite, Layout, Stack, base_line
 from .count import CountModel
 
 __all__ = ["FAMILIES", "SPECS", "ArchSpec", "AttentionSite", "FFNSite", "Layout", "Stack", "base_linear",
-           "describe", "family_of", "find_spec", "spec_for", "spec_of_family", "CountModel", "UnsupportedArchitectureError"]
+           "describe", "family_of", "find_spec", "spec_for", "CountModel",
+           "UnsupportedArchitectureError"]
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -72,14 +73,6 @@ def spec_for(config: Any, what: str = "") -> ArchSpec:
     raise UnsupportedArchitectureError(
         f"apt_hf does not support model_type={model_type!r}{f' ({what})' if what else ''}. Supported: "
         f"{_supported()}. Open an issue with the architecture you need (docs/ADDING_AN_ARCHITECTURE.md).")
-
-
-def spec_of_family(family: str) -> ArchSpec:
-    """The spec recorded as ``family`` in an export."""
-    for spec in SPECS:
-        if spec.family == family:
-            return spec
-    raise UnsupportedArchitectureError(f"apt_hf has no architecture family {family!r}; supported: {_supported()}.")
 
 
 def _hf_model(model: nn.Module) -> nn.Module:
