@@ -34,12 +34,14 @@ KINDS: dict[str, tuple[str, str]] = {
     "gemma2": ("Gemma2ForCausalLM", "CAUSAL_LM"),
     "gemma3": ("Gemma3ForCausalLM", "CAUSAL_LM"),
     "distilbert": ("DistilBertForSequenceClassification", "SEQ_CLS"),
+    "vit": ("ViTForImageClassification", "SEQ_CLS"),
 }
 # The architectures every exactness test must cover (one tiny model per registered model_type family variant).
-EXACT_KINDS = ("bert", "roberta", "llama_mha", "llama_gqa", "xlmr", "qwen3", "gemma2", "gemma3", "distilbert")
+EXACT_KINDS = ("bert", "roberta", "llama_mha", "llama_gqa", "xlmr", "qwen3", "gemma2", "gemma3", "distilbert", "vit")
 # Decoder kinds whose generation must be exact too.
 DECODER_KINDS = ("llama_mha", "llama_gqa", "qwen3", "gemma2", "gemma3")
 EAGER_ONLY = ("gemma2",)  # transformers has no sdpa path for these (Gemma 2: attention soft-capping)
+IMAGE_KINDS = ("vit",)  # models that read pixel_values
 
 
 def kinds_and_attentions(kinds: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -61,6 +63,22 @@ class TokenTask(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+
+
+class ImageTask(torch.utils.data.Dataset):
+    """Image classification on random 3 x 8 x 8 images: label 1 iff the mean of the first patch's first channel is
+    positive (learnable from one patch)."""
+
+    def __init__(self, n: int = 256, size: int = 8, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.pixels = torch.randn(n, 3, size, size, generator=g)
+        self.labels = (self.pixels[:, 0, :4, :4].mean((1, 2)) > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
 
 
 def make_config(kind: str, attn: str = "eager", **overrides) -> transformers.PretrainedConfig:
@@ -95,6 +113,11 @@ def make_config(kind: str, attn: str = "eager", **overrides) -> transformers.Pre
         cls = transformers.DistilBertConfig
         fields = dict(vocab_size=VOCAB, dim=32, n_layers=3, n_heads=4, hidden_dim=48, max_position_embeddings=40,
                       num_labels=N_LABELS, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+    elif kind == "vit":  # 8 x 8 images in 4 x 4 patches: a CLS token and 4 patch tokens
+        cls = transformers.ViTConfig
+        fields = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48, image_size=8,
+                      patch_size=4, num_channels=3, num_labels=N_LABELS, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
     else:
         raise KeyError(f"unknown tiny model kind {kind!r}; pick one of {sorted(KINDS)}")
     fields.update(overrides)
@@ -121,8 +144,13 @@ def task_type(kind: str) -> str:
 
 
 def make_inputs(kind: str, batch: int = 2, seq_len: int = SEQ_LEN, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Token ids (never a special id) and an attention mask whose last row is right-padded by two tokens."""
+    """Token ids (never a special id) and an attention mask whose last row is right-padded by two tokens; for an
+    image model (``vit``) random pixel values of its image size instead."""
     g = torch.Generator().manual_seed(seed)
+    if kind in IMAGE_KINDS:
+        config = make_config(kind)
+        return {"pixel_values": torch.randn(batch, config.num_channels, config.image_size, config.image_size,
+                                            generator=g)}
     ids = torch.randint(3, VOCAB, (batch, seq_len), generator=g)
     mask = torch.ones(batch, seq_len, dtype=torch.long)
     if batch > 1:

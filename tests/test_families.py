@@ -13,17 +13,17 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TokenTask, make_config
+from conftest import IMAGE_KINDS, ImageTask, TokenTask, make_config
 from transformers import Trainer, TrainingArguments
 
 import apt_hf
 from apt_hf.arch import SPECS, UnsupportedArchitectureError, spec_for
 from apt_hf.remote import arch_file, shipped_arch_source
 
-# kind -> sequence-classification class of the same config (TokenTask is a classification task)
+# kind -> sequence-classification class of the same config (TokenTask / ImageTask are classification tasks)
 SEQ_CLS = {"xlmr": "XLMRobertaForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
            "gemma2": "Gemma2ForSequenceClassification", "gemma3": "Gemma3TextForSequenceClassification",
-           "distilbert": "DistilBertForSequenceClassification"}
+           "distilbert": "DistilBertForSequenceClassification", "vit": "ViTForImageClassification"}
 TARGET = 0.4
 
 
@@ -45,15 +45,16 @@ def test_stock_trainer_reaches_the_target_density(kind, tmp_path):
         num_pruning_events=4, mask_decay_window=4, distillation=False))
     args = TrainingArguments(str(tmp_path), per_device_train_batch_size=8, max_steps=40, learning_rate=1e-3,
                              report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
-    Trainer(model=pm, args=args, train_dataset=TokenTask(n=128), callbacks=[apt_hf.APTCallback()]).train()
+    task = ImageTask if kind in IMAGE_KINDS else TokenTask
+    Trainer(model=pm, args=args, train_dataset=task(n=128), callbacks=[apt_hf.APTCallback()]).train()
     apt = apt_hf.find_apt_model(pm)
     density = apt_hf.count_params(pm) / apt.n_params
     assert 0.99 * TARGET <= density <= TARGET, density
     real = sum(p.numel() for n, p in pm.named_parameters() if ".apt_" not in n)
     assert real < sum(p.numel() for p in classifier(kind).parameters())  # removed physically
-    batch = TokenTask(n=4)[:4]
+    batch = task(n=4)[:4]
     with torch.no_grad():
-        out = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out = pm(**{k: v for k, v in batch.items() if k != "labels"}).logits
     assert out.shape == (4, 2) and torch.isfinite(out).all()
 
 
@@ -80,3 +81,10 @@ def test_a_match_test_narrows_a_spec():
     narrowed = dataclasses.replace(bert, match=lambda config: getattr(config, "num_hidden_layers", 0) > 3)
     assert bert.matches(make_config("bert")) and not narrowed.matches(make_config("bert"))
     assert narrowed.matches(make_config("bert", num_hidden_layers=4))
+
+
+def test_vit_masked_image_modeling_is_refused():
+    """ViT's masked-image-modeling decoder is a convolution reading the hidden width, which apt_hf does not prune:
+    refused at get_peft_model, naming the classes that work."""
+    with pytest.raises(ValueError, match="ViTForMaskedImageModeling.*ViTForImageClassification"):
+        peft.get_peft_model(transformers.ViTForMaskedImageModeling(make_config("vit")), apt_hf.APTConfig())

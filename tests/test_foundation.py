@@ -48,6 +48,8 @@ def site_weights(apt) -> dict:
                 out[("ffn", i, role)] = base_linear(mod).weight.detach().clone()
     for i, e in enumerate(lay.embeddings):
         out[("emb", i, "w")] = e.weight.detach().clone()
+    for i, (module, name, _) in enumerate(lay.hidden_params):
+        out[("param", i, name)] = getattr(module, name).detach().clone()
     return out
 
 
@@ -171,6 +173,8 @@ def test_prune_in_place_is_exact(kind, attn):
             assert torch.equal(base_linear(f.gate).weight, before[("ffn", i, "gate")][kept][:, hid])
     for i, e in enumerate(lay.embeddings):
         assert torch.equal(e.weight, before[("emb", i, "w")][:, hid])
+    for i, (module, name, axis) in enumerate(lay.hidden_params):  # e.g. ViT's patch projection and CLS token
+        assert torch.equal(getattr(module, name), before[("param", i, name)].index_select(axis, hid))
     for layer in apt.apt_layers().values():  # adapter factors were sliced with their frozen weights
         r = layer.r["default"]
         assert layer.apt_A["default"].shape == (r, layer.in_features)

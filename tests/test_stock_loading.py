@@ -1,11 +1,12 @@
 """A pruned export loads with stock transformers in a process without apt_hf (issue 16 items 1, 2, 6; spec G, K.9).
 
 One export per supported family (BERT, RoBERTa, LLaMA with multi-head and grouped-query attention and as a
-classifier, Mistral, Qwen2, T5), each with an attention that lost every head (for T5: both block-0
-self-attentions, which own the shared position bias, and a cross-attention) and, except T5, an FFN that lost every
-neuron, is written here with a tokenizer. A fresh ``python -c`` process in which ``import apt_hf`` is impossible
-loads each one through ``AutoModel…from_pretrained(folder, trust_remote_code=True)`` and ``pipeline``, generates,
-and tries the loads that must be refused. Everything is compared with ``apt_hf.load_pruned`` (tolerance 1e-4).
+classifier, Mistral, Qwen2, T5 and the later families of FAMILIES), each with an attention that lost every head (for
+T5: both block-0 self-attentions, which own the shared position bias, and a cross-attention) and, except T5, an FFN
+that lost every neuron, is written here with a tokenizer (ViT: an image processor; its pipeline reads a PNG file). A
+fresh ``python -c`` process in which ``import apt_hf`` is impossible loads each one through
+``AutoModel…from_pretrained(folder, trust_remote_code=True)`` and ``pipeline``, generates, and tries the loads that
+must be refused. Everything is compared with ``apt_hf.load_pruned`` (tolerance 1e-4).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import VOCAB, logits, make_config, make_inputs, make_model, random_masks, randomize_adapters
+from conftest import IMAGE_KINDS, VOCAB, logits, make_config, make_inputs, make_model, random_masks, randomize_adapters
 from test_t5 import _inputs as t5_inputs
 from test_t5 import _masked_peft as t5_masked_peft
 
@@ -32,7 +33,7 @@ from apt_hf.export import STRUCTURE_FILE
 
 TOL = 1e-4
 TEXT = "w5 w9 w13 w40 w77"
-PIPELINE_KWARGS = {"text-classification": {"top_k": None},
+PIPELINE_KWARGS = {"text-classification": {"top_k": None}, "image-classification": {"top_k": 3},
                    "text-generation": {"max_new_tokens": 4, "do_sample": False, "return_full_text": False}}
 
 # name -> (model class, PEFT task type, auto class, pipeline task)
@@ -55,6 +56,7 @@ FAMILIES = {
     "gemma3": ("Gemma3ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
     "distilbert": ("DistilBertForSequenceClassification", "SEQ_CLS", "AutoModelForSequenceClassification",
                    "text-classification"),
+    "vit": ("ViTForImageClassification", "SEQ_CLS", "AutoModelForImageClassification", "image-classification"),
 }
 TIED = ("llama_tied", "t5", "gemma2", "gemma3")
 
@@ -130,6 +132,20 @@ def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
                                                 eos_token="</s>", model_input_names=["input_ids", "attention_mask"])
 
 
+def make_image_processor() -> transformers.BaseImageProcessor:
+    """An image processor for the tiny ViT: any image becomes 3 x 8 x 8 pixel values."""
+    return transformers.ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=0.5, image_std=0.5)
+
+
+def make_image(path: Path) -> str:
+    """A random 16 x 16 RGB image saved as a PNG file; returns its path (what an image pipeline reads)."""
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (16, 16, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(path)
+    return str(path)
+
+
 def family_model(name: str) -> transformers.PreTrainedModel:
     if name == "llama_tied":
         return make_model("llama_mha", tie_word_embeddings=True)
@@ -170,12 +186,15 @@ def generate(model, inputs: dict, name: str):
 def stock(tmp_path_factory):
     """Exports, what apt_hf.load_pruned gives for them, and what the fresh process without apt_hf gave."""
     root = tmp_path_factory.mktemp("stock")
-    tok = make_tokenizer()
+    tok, image_processor = make_tokenizer(), make_image_processor()
+    image = make_image(root / "image.png")
     jobs, expected = {"loads": []}, {}
     for name, (_, _, auto, task) in FAMILIES.items():
         pm, forward = masked_apt_model(name)
         folder = root / name
-        apt_hf.export_pruned(pm, folder, tokenizer=tok)
+        processor = image_processor if name in IMAGE_KINDS else tok
+        text = image if name in IMAGE_KINDS else TEXT
+        apt_hf.export_pruned(pm, folder, tokenizer=processor)
         loaded = apt_hf.load_pruned(folder)
         with torch.no_grad():
             exp = {"masked": pm(**forward).logits, "logits": loaded(**forward).logits}
@@ -187,9 +206,10 @@ def stock(tmp_path_factory):
                                   else {k: v[:1] for k, v in forward.items()})
             exp["generation"] = generate(loaded, inputs["generate"], name)
         if task:
-            exp["pipeline"] = transformers.pipeline(task, model=loaded, tokenizer=tok)(TEXT, **PIPELINE_KWARGS[task])
+            exp["pipeline"] = transformers.pipeline(task, model=loaded, **{
+                "image_processor" if name in IMAGE_KINDS else "tokenizer": processor})(text, **PIPELINE_KWARGS[task])
         torch.save(inputs, root / f"{name}.pt")
-        jobs["loads"].append({"name": name, "dir": str(folder), "auto": auto, "task": task, "text": TEXT,
+        jobs["loads"].append({"name": name, "dir": str(folder), "auto": auto, "task": task, "text": text,
                               "inputs": str(root / f"{name}.pt"), "pipeline_kwargs": PIPELINE_KWARGS.get(task),
                               "generate": generate_kwargs(name) if "generate" in inputs else None})
         expected[name] = exp
@@ -263,7 +283,7 @@ def test_stock_transformers_loads_the_pruned_model(stock, name):
         assert torch.equal(got["sequences"], exp["generation"].sequences)
         assert (got["gen_logits"] - torch.stack(exp["generation"].logits)).abs().max() <= TOL
     task = FAMILIES[name][3]
-    if task == "text-classification":
+    if task in ("text-classification", "image-classification"):
         want = {d["label"]: d["score"] for d in exp["pipeline"]}
         assert {d["label"] for d in got["pipeline"]} == set(want)
         assert max(abs(d["score"] - want[d["label"]]) for d in got["pipeline"]) <= TOL
@@ -276,7 +296,8 @@ def test_stock_transformers_loads_the_pruned_model(stock, name):
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"].startswith("apt_pruned_") and config["apt_pruned"]["heads"][0] == 0
     listed = json.loads((folder / STRUCTURE_FILE).read_text())["files"]
-    assert {"modeling_apt_pruned.py", "apt_pruned_runtime.py", "README.md", "tokenizer.json"} <= set(listed)
+    processor = "preprocessor_config.json" if name in IMAGE_KINDS else "tokenizer.json"
+    assert {"modeling_apt_pruned.py", "apt_pruned_runtime.py", "README.md", processor} <= set(listed)
     arch_file = next(f for f in listed if f.startswith("apt_arch_"))  # the family's module of apt_hf.arch
     for code in ("modeling_apt_pruned.py", "apt_pruned_runtime.py", arch_file):
         assert not re.search(r"^\s*(import|from)\s+apt_hf", (folder / code).read_text(), re.M)

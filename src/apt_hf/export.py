@@ -73,6 +73,27 @@ def export_pruned(model: nn.Module, output_dir: Union[str, os.PathLike], tokeniz
     return pruned
 
 
+def _own_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under the model's own parameter names. transformers 5 saves some families under their
+    original checkpoint names (ViT: ``vit.encoder.layer.0.attention.attention.query``) and renames them as it loads
+    (its conversion mapping); the same renamings apply here. Conversions that merge or split tensors are refused."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    out = {}
+    for key, tensor in state.items():
+        name, converted = rename_source_key(key, renamings, converters)
+        if converted is not None:
+            raise ValueError(f"{key} must be converted by transformers ({converted!r}) before it fits the model; "
+                             "apt_hf.load_pruned does not convert weights. Load the folder with from_pretrained("
+                             "trust_remote_code=True) instead.")
+        out[name] = tensor
+    return out
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file as _load
@@ -160,7 +181,7 @@ def load_pruned(path: Union[str, os.PathLike], **kwargs: Any) -> transformers.Pr
     if in_config is not None and in_config != record:  # (after shaping, whose errors name the bad entry)
         raise ValueError(f"{record_file} and config.json's {runtime.RECORD_KEY} describe different structures; "
                          "the export is corrupted.")
-    state = _read_state_dict(path)
+    state = _own_names(model, _read_state_dict(path))
     # Check shapes before load_state_dict, which raises a bare RuntimeError on a size mismatch even when strict=False.
     expected = model.state_dict(keep_vars=True)
     for name, tensor in state.items():

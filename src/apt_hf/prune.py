@@ -14,7 +14,7 @@ from torch import nn
 from .arch import AttentionSite, FFNSite, Layout, base_linear
 from .layer import APTLinear, ParamChange, replace_param, select_linear
 from .masks import APTMasks
-from .runtime import check_group_rule, heads_by_group
+from .runtime import check_group_rule, heads_by_group, set_hidden_width
 
 
 def _select(module: nn.Module, out_idx: Optional[torch.Tensor], in_idx: Optional[torch.Tensor],
@@ -100,6 +100,11 @@ def prune_hidden(layout: Layout, dims: torch.Tensor, changes: list[ParamChange])
         if isinstance(module, nn.Embedding) and id(module.weight) in tied:
             module.weight = tied[id(module.weight)]
             module.embedding_dim = len(dims)
+    for module, name, axis in layout.hidden_params:
+        p = getattr(module, name)
+        index = tuple(dims if a == axis % p.dim() else None for a in range(p.dim()))
+        replace_param(module, name, p.data.index_select(axis, dims.to(p.device)), index, changes)
+        set_hidden_width(module, name, axis, len(dims))
     for norm in layout.norms:
         for name in ("weight", "bias"):
             p = getattr(norm, name, None)

@@ -124,6 +124,9 @@ class Layout:
     # where each site's residual sum is visible: (module, "in" = its first input, "out" = its first output)
     attention_sums: list[tuple[nn.Module, str]] = field(default_factory=list)
     ffn_sums: list[tuple[nn.Module, str]] = field(default_factory=list)
+    # other parameters with one axis over the hidden width, (module, name, axis): ViT's patch projection, CLS token
+    # and position embeddings
+    hidden_params: list[tuple[nn.Module, str, int]] = field(default_factory=list)
 
     @property
     def family(self) -> str:
@@ -305,6 +308,12 @@ def heads_setter(count_attrs: tuple[str, ...] = (), width_attrs: tuple[str, ...]
     return set_heads
 
 
+def set_hidden_width(module: nn.Module, name: str, axis: int, width: int) -> None:
+    """Keep a convolution's size attribute in step with a hidden-width parameter resized to ``width``."""
+    if isinstance(module, nn.modules.conv._ConvNd) and name == "weight" and axis == 0:
+        module.out_channels = width
+
+
 # ---------------------------------------------------------------------------------------------- the record
 def check_record(record: Any, spec: ArchSpec, source: str = "the pruned-structure record") -> dict:
     """Validate a record of kept sizes of a model of ``spec``'s family (types and format version; sizes are checked
@@ -406,6 +415,11 @@ def shape_model(model: nn.Module, record: dict, spec: ArchSpec) -> None:
     for emb in layout.embeddings + [m for m in layout.embedding_outputs if isinstance(m, nn.Embedding)]:
         resize(emb, "weight", (emb.num_embeddings, d))
         emb.embedding_dim = d
+    for module, name, axis in layout.hidden_params:
+        shape = list(getattr(module, name).shape)
+        shape[axis] = d
+        resize(module, name, tuple(shape))
+        set_hidden_width(module, name, axis, d)
     for norm in layout.norms:
         resize(norm, "weight", (d,))
         resize(norm, "bias", (d,))
