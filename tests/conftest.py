@@ -35,11 +35,13 @@ KINDS: dict[str, tuple[str, str]] = {
     "gemma3": ("Gemma3ForCausalLM", "CAUSAL_LM"),
     "distilbert": ("DistilBertForSequenceClassification", "SEQ_CLS"),
     "vit": ("ViTForImageClassification", "SEQ_CLS"),
+    "phi3": ("Phi3ForCausalLM", "CAUSAL_LM"),
 }
 # The architectures every exactness test must cover (one tiny model per registered model_type family variant).
-EXACT_KINDS = ("bert", "roberta", "llama_mha", "llama_gqa", "xlmr", "qwen3", "gemma2", "gemma3", "distilbert", "vit")
+EXACT_KINDS = ("bert", "roberta", "llama_mha", "llama_gqa", "xlmr", "qwen3", "gemma2", "gemma3", "distilbert", "vit",
+               "phi3")
 # Decoder kinds whose generation must be exact too.
-DECODER_KINDS = ("llama_mha", "llama_gqa", "qwen3", "gemma2", "gemma3")
+DECODER_KINDS = ("llama_mha", "llama_gqa", "qwen3", "gemma2", "gemma3", "phi3")
 EAGER_ONLY = ("gemma2",)  # transformers has no sdpa path for these (Gemma 2: attention soft-capping)
 IMAGE_KINDS = ("vit",)  # models that read pixel_values
 
@@ -113,6 +115,12 @@ def make_config(kind: str, attn: str = "eager", **overrides) -> transformers.Pre
         cls = transformers.DistilBertConfig
         fields = dict(vocab_size=VOCAB, dim=32, n_layers=3, n_heads=4, hidden_dim=48, max_position_embeddings=40,
                       num_labels=N_LABELS, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+    elif kind == "phi3":  # fused qkv_proj and gate_up_proj, grouped-query attention
+        cls = transformers.Phi3Config
+        fields = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=8,
+                      num_key_value_heads=2, intermediate_size=80, max_position_embeddings=64, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2, num_labels=N_LABELS, tie_word_embeddings=False,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
     elif kind == "vit":  # 8 x 8 images in 4 x 4 patches: a CLS token and 4 patch tokens
         cls = transformers.ViTConfig
         fields = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48, image_size=8,

@@ -870,14 +870,15 @@ def test_without_adaptive_pruning_density_stays(tmp_path):
     assert logged and all(v == 1.0 for v in logged)
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama_gqa"])
+@pytest.mark.parametrize("kind", ["bert", "llama_gqa", "phi3"])
 def test_live_widths_count_only_kept_units(kind):
     """Adapter widths for rank growth (spec E.3.1) leave zero-masked blocks out, so they equal the physical widths
     after removal whether removal happens at the event or is held back (distillation)."""
     from conftest import random_masks
 
     targets = {"bert": ["query", "key", "value", "dense"], "llama_gqa": ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                          "up_proj", "gate_proj", "down_proj"]}[kind]
+                                                                          "up_proj", "gate_proj", "down_proj"],
+               "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}[kind]
     pm = peft.get_peft_model(make_model(kind), apt_hf.APTConfig(target_modules=targets))
     apt = apt_hf.find_apt_model(pm)
     layers = apt.apt_layers()
@@ -885,7 +886,7 @@ def test_live_widths_count_only_kept_units(kind):
     assert full == {n: l.in_features + l.out_features for n, l in layers.items()}
     random_masks(pm, seed=3, no_heads_layer=None)
     masks = apt.masks
-    if kind == "llama_gqa":  # keep the same number of heads in every surviving group, as the search does
+    if kind != "bert":  # keep the same number of heads in every surviving group, as the search does
         for i, m in enumerate(masks.heads):
             g = m.view(-1, apt.layout.attentions[i].group_size)
             g[:] = 0.0

@@ -23,7 +23,8 @@ from apt_hf.remote import arch_file, shipped_arch_source
 # kind -> sequence-classification class of the same config (TokenTask / ImageTask are classification tasks)
 SEQ_CLS = {"xlmr": "XLMRobertaForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
            "gemma2": "Gemma2ForSequenceClassification", "gemma3": "Gemma3TextForSequenceClassification",
-           "distilbert": "DistilBertForSequenceClassification", "vit": "ViTForImageClassification"}
+           "distilbert": "DistilBertForSequenceClassification", "vit": "ViTForImageClassification",
+           "phi3": "Phi3ForSequenceClassification"}
 TARGET = 0.4
 
 

@@ -131,6 +131,8 @@ def test_prune_in_place_is_exact(kind, attn):
     lay0 = apt.layout
     groups = [s.group_size for s in lay0.attentions]
     dh = [s.head_dim for s in lay0.attentions]
+    fused = [s.fused for s in lay0.attentions]  # (query, key/value heads) of a fused q/k/v projection
+    full_neurons = [f.num_neurons for f in lay0.ffns]
     n_before = sum(p.numel() for p in pm.parameters())
     count_before = apt_hf.count_params(pm)
     changes = apt.prune_to_masks()
@@ -158,18 +160,25 @@ def test_prune_in_place_is_exact(kind, attn):
             assert site.q is None
             continue
         kv = torch.unique(torch.div(kept, groups[i], rounding_mode="floor"))
-        assert torch.equal(base_linear(site.q).weight, before[("att", i, "q")][rows(kept, dh[i])][:, hid])
-        for role in ("k", "v"):
+        q_rows, kv_rows = rows(kept, dh[i]), rows(kv, dh[i])
+        if fused[i]:  # one projection, rows [q | k | v] at the unpruned sizes
+            q_width, kv_width = (n * dh[i] for n in fused[i])
+            want = {"q": torch.cat([q_rows, q_width + kv_rows, q_width + kv_width + kv_rows])}
+        else:
+            want = {"q": q_rows, "k": kv_rows, "v": kv_rows}
+        for role, kept_rows in want.items():
             w = base_linear(getattr(site, role)).weight
-            assert torch.equal(w, before[("att", i, role)][rows(kv, dh[i])][:, hid])
+            assert torch.equal(w, before[("att", i, role)][kept_rows][:, hid])
         assert site.num_kv_heads == len(kv)
     for i, m in enumerate(written["neurons"]):
         kept = torch.nonzero(m).flatten()
         assert torch.equal(masks.kept("neurons", i), kept) and torch.equal(masks.neurons[i], torch.ones(len(kept)))
         f = lay.ffns[i]
-        assert torch.equal(base_linear(f.up).weight, before[("ffn", i, "up")][kept][:, hid])
+        up_rows = torch.cat([kept, full_neurons[i] + kept]) if f.fused else kept  # fused: both halves
+        assert f.num_neurons == len(kept)
+        assert torch.equal(base_linear(f.up).weight, before[("ffn", i, "up")][up_rows][:, hid])
         assert torch.equal(base_linear(f.down).weight, before[("ffn", i, "down")][hid][:, kept])
-        if f.gate is not None:
+        if f.gate is not None and not f.fused:
             assert torch.equal(base_linear(f.gate).weight, before[("ffn", i, "gate")][kept][:, hid])
     for i, e in enumerate(lay.embeddings):
         assert torch.equal(e.weight, before[("emb", i, "w")][:, hid])
@@ -232,7 +241,7 @@ def test_export_reloads_in_fresh_process(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ 2. PEFT round trip
-@pytest.mark.parametrize("kind", ["bert", "llama_gqa", "llama_cls"])
+@pytest.mark.parametrize("kind", ["bert", "llama_gqa", "llama_cls", "phi3"])
 def test_peft_round_trip_after_growth_and_pruning(kind, tmp_path):
     pm = peft.get_peft_model(make_model(kind, seed=7), apt_hf.APTConfig(task_type=task_type(kind)))
     apt = apt_hf.find_apt_model(pm)
@@ -419,6 +428,7 @@ def counted_numel(layout) -> int:
     counted norm (weights and biases), read off the modules."""
     mods = [m for s in layout.attentions for m in (s.q, s.k, s.v, s.o) if m is not None]
     mods += [m for f in layout.ffns for m in (f.up, f.gate, f.down) if m is not None]
+    mods = list({id(m): m for m in mods}.values())  # a fused projection (Phi-3's qkv_proj, gate_up_proj) once
     total = sum(t.numel() for m in mods for t in (base_linear(m).weight, base_linear(m).bias) if t is not None)
     return total + sum(t.numel() for n in layout.counted_norms for t in (getattr(n, "weight", None),
                                                                          getattr(n, "bias", None)) if t is not None)

@@ -57,6 +57,7 @@ FAMILIES = {
     "distilbert": ("DistilBertForSequenceClassification", "SEQ_CLS", "AutoModelForSequenceClassification",
                    "text-classification"),
     "vit": ("ViTForImageClassification", "SEQ_CLS", "AutoModelForImageClassification", "image-classification"),
+    "phi3": ("Phi3ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
 }
 TIED = ("llama_tied", "t5", "gemma2", "gemma3")
 

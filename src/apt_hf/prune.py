@@ -66,9 +66,12 @@ def prune_heads(layout: Layout, i: int, heads: torch.Tensor, changes: list[Param
     kv, new_group = kv_groups(site, heads)
     dh = site.head_dim
     q_rows, kv_rows = _rows(heads, dh), _rows(kv, dh)
-    _select(site.q, q_rows, None, changes)
-    _select(site.k, kv_rows, None, changes)
-    _select(site.v, kv_rows, None, changes)
+    if site.fused:
+        _select(site.q, site.qkv_rows(q_rows, kv_rows), None, changes)
+    else:
+        _select(site.q, q_rows, None, changes)
+        _select(site.k, kv_rows, None, changes)
+        _select(site.v, kv_rows, None, changes)
     _select(site.o, None, q_rows, changes)
     spec = layout.spec
     original = None
@@ -79,10 +82,10 @@ def prune_heads(layout: Layout, i: int, heads: torch.Tensor, changes: list[Param
 
 
 def prune_neurons(site: FFNSite, neurons: torch.Tensor, changes: list[ParamChange]) -> None:
-    """Keep only ``neurons`` (physical indices) of an FFN: up/gate rows, down columns."""
+    """Keep only ``neurons`` (physical indices) of an FFN: up/gate rows (both halves of a fused one), down columns."""
     neurons = neurons.to(torch.long)
-    _select(site.up, neurons, None, changes)
-    if site.gate is not None:
+    _select(site.up, site.up_rows(neurons), None, changes)
+    if site.gate is not None and not site.fused:
         _select(site.gate, neurons, None, changes)
     _select(site.down, None, neurons, changes)
 

@@ -60,6 +60,8 @@ class AttentionSite:
     o: nn.Module
     head_dim: int
     kind: str  # "self" or "cross"
+    # a fused q/k/v projection (q = k = v, rows [q | k | v], e.g. Phi-3's qkv_proj): its (query, key/value) heads
+    fused: Optional[tuple[int, int]] = None
 
     @property
     def core(self) -> nn.Module:
@@ -67,11 +69,20 @@ class AttentionSite:
 
     @property
     def num_heads(self) -> int:
-        return 0 if self.q is None else base_linear(self.q).out_features // self.head_dim
+        if self.q is None:
+            return 0
+        return self.fused[0] if self.fused else base_linear(self.q).out_features // self.head_dim
 
     @property
     def num_kv_heads(self) -> int:
-        return 0 if self.k is None else base_linear(self.k).out_features // self.head_dim
+        if self.k is None:
+            return 0
+        return self.fused[1] if self.fused else base_linear(self.k).out_features // self.head_dim
+
+    def qkv_rows(self, q_rows: torch.Tensor, kv_rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the fused q/k/v projection that hold query rows ``q_rows`` and key/value rows ``kv_rows``."""
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return torch.cat([q_rows, q_width + kv_rows, q_width + kv_width + kv_rows])
 
     @property
     def group_size(self) -> int:
@@ -86,10 +97,15 @@ class FFNSite:
     up: nn.Module
     gate: Optional[nn.Module]
     down: nn.Module
+    fused: bool = False  # gate and up are one projection (gate = up) of two halves (Phi-3's gate_up_proj)
 
     @property
     def num_neurons(self) -> int:
-        return base_linear(self.up).out_features
+        return base_linear(self.up).out_features // (2 if self.fused else 1)
+
+    def up_rows(self, neurons: torch.Tensor) -> torch.Tensor:
+        """Rows of the up (and, fused, gate) projection that feed ``neurons``."""
+        return torch.cat([neurons, self.num_neurons + neurons]) if self.fused else neurons
 
 
 @dataclass
@@ -140,7 +156,7 @@ class Layout:
     def hidden_readers(self) -> list[nn.Module]:
         mods = [m for s in self.attentions for m in (s.q, s.k, s.v) if m is not None]
         mods += [m for f in self.ffns for m in (f.up, f.gate) if m is not None]
-        return mods + self.readers
+        return list({id(m): m for m in mods + self.readers}.values())  # a fused projection once
 
     def layer_stacks(self) -> list[Stack]:
         """The stacks of layers; a model that lists none is one stack, layer ``i`` holding attention ``i`` and FFN
@@ -286,11 +302,30 @@ def empty_attention(layout: Layout, i: int, o_inside: bool) -> None:
     site.q = site.k = site.v = None
 
 
+class ConfigView:
+    """One layer's view of the model's config: ``overrides`` (e.g. a pruned attention's head count) over the shared
+    config, which it reads live (so a later change of the model's config, such as its attention implementation,
+    reaches every layer). For attention classes that read a pruned size from ``self.config``."""
+
+    def __init__(self, config: Any, **overrides: Any) -> None:
+        self.__dict__.update(shared=config, overrides=overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        state = self.__dict__
+        if name in state.get("overrides", {}):
+            return state["overrides"][name]
+        if "shared" not in state:  # (while unpickling)
+            raise AttributeError(name)
+        return getattr(state["shared"], name)
+
+
 def heads_setter(count_attrs: tuple[str, ...] = (), width_attrs: tuple[str, ...] = (),
-                 group_attr: Optional[str] = None, o_inside: bool = True) -> SetHeads:
+                 group_attr: Optional[str] = None, o_inside: bool = True, kv_count_attrs: tuple[str, ...] = (),
+                 config_count_attrs: tuple[str, ...] = ()) -> SetHeads:
     """A ``set_heads`` for attention cores that read their head counts from attributes: ``count_attrs`` get the
-    number of query heads, ``width_attrs`` heads x head_dim, ``group_attr`` the query heads per key/value head; an
-    emptied core becomes an :class:`EmptyAttention`."""
+    number of query heads, ``width_attrs`` heads x head_dim, ``group_attr`` the query heads per key/value head,
+    ``kv_count_attrs`` the key/value heads, and ``config_count_attrs`` of the core's ``config`` (through a
+    :class:`ConfigView` of its own) the query heads; an emptied core becomes an :class:`EmptyAttention`."""
 
     def set_heads(layout: Layout, i: int, num_heads: int, group_size: int = 1,
                   original: Optional[list[int]] = None) -> None:
@@ -302,8 +337,13 @@ def heads_setter(count_attrs: tuple[str, ...] = (), width_attrs: tuple[str, ...]
             setattr(core, name, num_heads)
         for name in width_attrs:
             setattr(core, name, num_heads * dh)
+        for name in kv_count_attrs:
+            setattr(core, name, num_heads // max(1, group_size))
         if group_attr is not None:
             setattr(core, group_attr, group_size)
+        if config_count_attrs:
+            shared = core.config.shared if isinstance(core.config, ConfigView) else core.config
+            core.config = ConfigView(shared, **{name: num_heads for name in config_count_attrs})
 
     return set_heads
 
@@ -430,7 +470,9 @@ def shape_model(model: nn.Module, record: dict, spec: ArchSpec) -> None:
     for i, (site, n_q, n_kv) in enumerate(zip(layout.attentions, record["heads"], record["kv_heads"])):
         dh, full = site.head_dim, site.num_heads
         linear(site.o, d, n_q * dh)
-        if n_q:
+        if n_q and site.fused:
+            linear(site.q, (n_q + 2 * n_kv) * dh, d)
+        elif n_q:
             linear(site.q, n_q * dh, d)
             linear(site.k, n_kv * dh, d)
             linear(site.v, n_kv * dh, d)
@@ -438,8 +480,8 @@ def shape_model(model: nn.Module, record: dict, spec: ArchSpec) -> None:
         if n_q < full or (original is not None and original != list(range(full))):
             layout.spec.set_heads(layout, i, n_q, n_q // n_kv if n_kv else 0, original)
     for ffn, n in zip(layout.ffns, record["neurons"]):
-        linear(ffn.up, n, d)
-        if ffn.gate is not None:
+        linear(ffn.up, 2 * n if ffn.fused else n, d)
+        if ffn.gate is not None and not ffn.fused:
             linear(ffn.gate, n, d)
         linear(ffn.down, d, n)
 

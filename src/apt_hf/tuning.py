@@ -24,13 +24,15 @@ def live_widths(layers: dict[str, APTLinear], layout: Layout, masks: APTMasks) -
         alive = masks.heads[i] > 0
         q_width = int(alive.sum()) * site.head_dim
         kv_width = int(kv_heads_kept(alive, site.group_size).sum()) * site.head_dim
-        for module, width in ((site.q, (hidden, q_width)), (site.k, (hidden, kv_width)), (site.v, (hidden, kv_width)),
-                              (site.o, (q_width, hidden))):
+        qkv = ((site.q, (hidden, q_width + 2 * kv_width)),) if site.fused else (
+            (site.q, (hidden, q_width)), (site.k, (hidden, kv_width)), (site.v, (hidden, kv_width)))
+        for module, width in qkv + ((site.o, (q_width, hidden)),):
             if module is not None:
                 units[id(module)] = width
     for j, site in enumerate(layout.ffns):
         n = int((masks.neurons[j] > 0).sum())
-        for module, width in ((site.up, (hidden, n)), (site.gate, (hidden, n)), (site.down, (n, hidden))):
+        up = ((site.up, (hidden, 2 * n)),) if site.fused else ((site.up, (hidden, n)), (site.gate, (hidden, n)))
+        for module, width in up + ((site.down, (n, hidden)),):
             if module is not None:
                 units[id(module)] = width
     for module in layout.readers:

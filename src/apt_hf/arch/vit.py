@@ -3,10 +3,10 @@
 Pre-norm layers (``vit.layers``): ``layernorm_before`` -> ``attention`` (q/k/v/o_proj, o inside the core) ->
 residual sum -> ``layernorm_after`` -> ``mlp`` (fc1/fc2) -> residual sum; ``vit.layernorm`` ends the stack and the
 classifier reads its first position (the CLS token). Every LayerNorm over the residual stream is counted (spec B.3).
-The residual stream starts at ``vit.embeddings``: the patch projection (a convolution whose output channels are the hidden
-width), the CLS token and the position embeddings (and a mask token, when the model has one) all lie along the
-hidden width, and the hidden mask acts on the embeddings' output. Attention cores read their head counts from the
-projections' shapes. ``ViTForMaskedImageModeling`` is refused: its convolutional decoder reads the hidden width.
+The residual stream starts at ``vit.embeddings``: the patch projection (a convolution whose output channels are the
+hidden width), the CLS token and the position embeddings (and a mask token, when the model has one) all lie along
+the hidden width, and the hidden mask acts on the embeddings' output. Attention cores read their head counts from
+the projections' shapes. ``ViTForMaskedImageModeling`` is refused: its convolutional decoder reads the hidden width.
 
 Shipped with every export of this family (as ``apt_arch_vit.py``): imports only torch, transformers and the runtime.
 """
