@@ -36,10 +36,11 @@ KINDS: dict[str, tuple[str, str]] = {
     "distilbert": ("DistilBertForSequenceClassification", "SEQ_CLS"),
     "vit": ("ViTForImageClassification", "SEQ_CLS"),
     "phi3": ("Phi3ForCausalLM", "CAUSAL_LM"),
+    "modernbert": ("ModernBertForSequenceClassification", "SEQ_CLS"),
 }
 # The architectures every exactness test must cover (one tiny model per registered model_type family variant).
 EXACT_KINDS = ("bert", "roberta", "llama_mha", "llama_gqa", "xlmr", "qwen3", "gemma2", "gemma3", "distilbert", "vit",
-               "phi3")
+               "phi3", "modernbert")
 # Decoder kinds whose generation must be exact too.
 DECODER_KINDS = ("llama_mha", "llama_gqa", "qwen3", "gemma2", "gemma3", "phi3")
 EAGER_ONLY = ("gemma2",)  # transformers has no sdpa path for these (Gemma 2: attention soft-capping)
@@ -121,6 +122,13 @@ def make_config(kind: str, attn: str = "eager", **overrides) -> transformers.Pre
                       num_key_value_heads=2, intermediate_size=80, max_position_embeddings=64, pad_token_id=0,
                       bos_token_id=1, eos_token_id=2, num_labels=N_LABELS, tie_word_embeddings=False,
                       resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
+    elif kind == "modernbert":  # fused Wqkv and GLU Wi (with biases here), local attention (window 4 < SEQ_LEN)
+        cls = transformers.ModernBertConfig
+        fields = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                      intermediate_size=48, max_position_embeddings=40, pad_token_id=0, bos_token_id=1,
+                      eos_token_id=2, cls_token_id=1, sep_token_id=2, num_labels=N_LABELS, local_attention=4,
+                      global_attn_every_n_layers=2, attention_bias=True, mlp_bias=True, norm_bias=True,
+                      embedding_dropout=0.0, attention_dropout=0.0, mlp_dropout=0.0, classifier_dropout=0.0)
     elif kind == "vit":  # 8 x 8 images in 4 x 4 patches: a CLS token and 4 patch tokens
         cls = transformers.ViTConfig
         fields = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48, image_size=8,

@@ -24,7 +24,7 @@ from apt_hf.remote import arch_file, shipped_arch_source
 SEQ_CLS = {"xlmr": "XLMRobertaForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
            "gemma2": "Gemma2ForSequenceClassification", "gemma3": "Gemma3TextForSequenceClassification",
            "distilbert": "DistilBertForSequenceClassification", "vit": "ViTForImageClassification",
-           "phi3": "Phi3ForSequenceClassification"}
+           "phi3": "Phi3ForSequenceClassification", "modernbert": "ModernBertForSequenceClassification"}
 TARGET = 0.4
 
 
@@ -84,8 +84,29 @@ def test_a_match_test_narrows_a_spec():
     assert narrowed.matches(make_config("bert", num_hidden_layers=4))
 
 
-def test_vit_masked_image_modeling_is_refused():
-    """ViT's masked-image-modeling decoder is a convolution reading the hidden width, which apt_hf does not prune:
-    refused at get_peft_model, naming the classes that work."""
-    with pytest.raises(ValueError, match="ViTForMaskedImageModeling.*ViTForImageClassification"):
-        peft.get_peft_model(transformers.ViTForMaskedImageModeling(make_config("vit")), apt_hf.APTConfig())
+@pytest.mark.parametrize("kind,cls", [("vit", "ViTForMaskedImageModeling"), ("modernbert", "ModernBertForMaskedLM")])
+def test_decoders_that_read_an_unpruned_width_are_refused(kind, cls):
+    """ViT's masked-image-modeling decoder is a convolution reading the hidden width; ModernBERT's masked-LM decoder
+    shares the token embedding but reads the head's unpruned width. Both are refused at get_peft_model, naming the
+    classes that work."""
+    with pytest.raises(ValueError, match=f"{cls}.*Prune a "):
+        peft.get_peft_model(getattr(transformers, cls)(make_config(kind)), apt_hf.APTConfig())
+
+
+def test_modernbert_token_classifier_keeps_its_width(tmp_path):
+    """ModernBERT's token classifier reads the prediction head's output, not the residual stream: pruning the hidden
+    width leaves its input width alone (the generic token-level rule must not apply), and the export is exact."""
+    from conftest import logits, make_inputs, random_masks, randomize_adapters
+
+    torch.manual_seed(0)
+    model = transformers.ModernBertForTokenClassification(make_config("modernbert")).eval()
+    pm = peft.get_peft_model(model, apt_hf.APTConfig(task_type="TOKEN_CLS"))
+    randomize_adapters(pm)
+    random_masks(pm, seed=3)
+    inputs = make_inputs("modernbert")
+    ref = logits(pm.eval(), inputs)
+    apt_hf.export_pruned(pm, tmp_path / "export")
+    loaded = apt_hf.load_pruned(tmp_path / "export")
+    assert loaded.classifier.in_features == model.config.hidden_size
+    assert loaded.model.embeddings.tok_embeddings.embedding_dim < model.config.hidden_size
+    assert ((logits(loaded, inputs) - ref) * inputs["attention_mask"][..., None]).abs().max() <= 1e-4

@@ -58,6 +58,8 @@ FAMILIES = {
                    "text-classification"),
     "vit": ("ViTForImageClassification", "SEQ_CLS", "AutoModelForImageClassification", "image-classification"),
     "phi3": ("Phi3ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
+    "modernbert": ("ModernBertForSequenceClassification", "SEQ_CLS", "AutoModelForSequenceClassification",
+                   "text-classification"),
 }
 TIED = ("llama_tied", "t5", "gemma2", "gemma3")
 
