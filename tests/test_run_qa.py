@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import math
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -136,6 +138,23 @@ def test_run_qa_end_to_end(run_qa, tiny_bert, tmp_path, method):
         assert refreshes  # evaluations with the official F1, which the teacher refresh reads
         model = apt_hf.load_pruned(summary["export_dir"])
         assert isinstance(model, transformers.BertForQuestionAnswering)  # (an AptPruned subclass)
+
+
+def accelerate_launch(script: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """``accelerate launch`` (one process, CPU) of an example script, as the README runs it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@needs_tokenizer
+@pytest.mark.slow
+def test_run_qa_under_accelerate_launch(tiny_bert, tmp_path):
+    proc = accelerate_launch(SCRIPT, qa_run(tiny_bert, tmp_path, "--method", "lora", "--num_train_epochs", "1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["eval_scores"]["total"] == 11
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -81,6 +83,22 @@ def test_run_summarization_end_to_end(run_sum, tiny_t5, tmp_path, method):
         tok = transformers.AutoTokenizer.from_pretrained(summary["export_dir"])
         batch = tok(["summarize: #Person1#: Hello. #Person2#: Hi."], return_tensors="pt")
         assert model.generate(**batch, max_new_tokens=4).shape[0] == 1
+
+
+def accelerate_launch(script: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """``accelerate launch`` (one process, CPU) of an example script, as the README runs it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_run_summarization_under_accelerate_launch(tiny_t5, tmp_path):
+    proc = accelerate_launch(SCRIPT, sum_run(tiny_t5, tmp_path, "--method", "lora", "--num_train_epochs", "1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rougeL" in json.loads((tmp_path / "summary.json").read_text())["rouge"]
 
 
 def fail_before_training(run_sum, monkeypatch, capsys, args: list[str]) -> str:
