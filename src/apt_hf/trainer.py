@@ -54,8 +54,9 @@ class DistillCallback(TrainerCallback):
     """Distillation phases, teacher refreshes (spec F.1), the reload of the best pruned student at the end of
     distillation and the post-distillation learning-rate schedule (F.2).
 
-    The teacher snapshot, the best post-pruning student and the refresh bookkeeping are saved inside every checkpoint's adapter file while
-    distillation runs (:mod:`apt_hf.checkpoint`); after ``distill_end`` no teacher is saved or needed."""
+    The teacher snapshot, the best post-pruning student and the refresh bookkeeping are saved inside every
+    checkpoint's adapter file while distillation runs (:mod:`apt_hf.checkpoint`); after ``distill_end`` no teacher is
+    saved or needed."""
 
     def __init__(self, apt_callback: APTCallback, has_eval: bool) -> None:
         self.apt_callback = apt_callback
