@@ -137,6 +137,13 @@ def test_apt_model_and_its_export_score_the_same(model, tokenizer, tmp_path):
     assert exported["perplexity"]["perplexity"] == pytest.approx(wrapped["perplexity"]["perplexity"], rel=1e-4)
 
 
+def test_perplexity_without_response_tokens_is_an_error(model, tokenizer):
+    """A cut that leaves no response token must not report a perplexity of 1.0."""
+    records = [{"instruction": "Say something rather long about the weather today.", "input": "", "output": "Fine."}]
+    with pytest.raises(llm_eval.EvalDataError, match="none of the 1 perplexity records"):
+        llm_eval.response_perplexity(model, tokenizer, records, max_length=3)
+
+
 # ------------------------------------------------------------------------------------------ command line
 @needs_eval
 def test_cli_on_an_exported_folder(tmp_path, tokenizer, capsys):

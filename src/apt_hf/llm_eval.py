@@ -316,6 +316,10 @@ def response_perplexity(model: torch.nn.Module, tokenizer, records: Sequence[dic
     model.eval()
     device = _model_device(model)
     examples = [e for e in (tokenize_example(tokenizer, r, max_length) for r in records) if e is not None]
+    if not examples:
+        raise EvalDataError(f"none of the {len(records)} perplexity records has a response token within "
+                            f"{max_length} tokens (the prompt fills the cut); raise the maximum length or use "
+                            "other records")
     examples.sort(key=lambda e: len(e["input_ids"]), reverse=True)
     total, count = 0.0, 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -338,7 +342,7 @@ def response_perplexity(model: torch.nn.Module, tokenizer, records: Sequence[dic
             count += int(keep.sum())
     finally:
         model.train(was_training)
-    return {"perplexity": math.exp(total / max(1, count)), "nll_per_token": total / max(1, count),
+    return {"perplexity": math.exp(total / count), "nll_per_token": total / count,
             "tokens": count, "n": len(examples)}
 
 
