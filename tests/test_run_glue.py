@@ -71,6 +71,7 @@ def test_apt_end_to_end(tmp_path):
 
     out = tmp_path / "apt"
     proc = run_script([*TINY_RUN, "--method", "apt", "--output_dir", str(out), "--target_sparsity", "0.6",
+                       "--max_train_samples", "96", "--max_seq_length", "32", "--speed_seq_length", "32",
                        "--pruning_start", "0.1", "--sparsity_warmup", "0.0", "--pruning_end", "0.7",
                        "--num_pruning_events", "3", "--distillation", "True"])
     assert proc.returncode == 0, explain(proc)
@@ -370,7 +371,7 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
     base = ["--task_name", "sst2", "--glue_dir", str(GLUE_DIR), "--max_train_samples", "64", "--max_eval_samples",
             "16", "--max_seq_length", "16", "--per_device_train_batch_size", "8", "--max_steps", "8",
             "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1", "--disable_tqdm", "True",
-            "--speed_repeats", "0", "--seed", "0", "--output_dir", str(out)]
+            "--speed_repeats", "0", "--export", "False", "--seed", "0", "--output_dir", str(out)]
     first = run_script(base)
     assert first.returncode == 0, explain(first)
     full = json.loads((out / "summary.json").read_text())

@@ -35,6 +35,7 @@ import math
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,21 +373,27 @@ def evaluate(model: torch.nn.Module, tokenizer, tasks: Union[str, Sequence[str]]
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     if data_dir is None or not data_dir.is_dir():
         raise EvalDataError(f"evaluation data folder not found ({data_dir}); pass --data_dir or set ${EVAL_DIR_ENV}")
-    results: dict[str, Any] = {"tasks": {}, "limit": limit, "num_fewshot": num_fewshot}
+    results: dict[str, Any] = {"tasks": {}, "limit": limit, "num_fewshot": num_fewshot, "seconds": {}}
     for name in names:
         task_limit = limit.get(name) if isinstance(limit, dict) else limit
+        start = time.perf_counter()
         results["tasks"][name] = evaluate_task(model, tokenizer, name, data_dir, task_limit, num_fewshot, batch_size,
                                                max_length)
-        log(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in results["tasks"][name].items() if k != "n"))
+        results["seconds"][name] = time.perf_counter() - start
+        log(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in results["tasks"][name].items() if k != "n")
+            + f" ({results['seconds'][name]:.0f} s)")
     if all(t in results["tasks"] for t in PAPER_TASKS):
         picked = [results["tasks"][t][TASKS[t].paper_metric] for t in PAPER_TASKS]
         chance = [results["tasks"][t][f"chance_{TASKS[t].paper_metric}"] for t in PAPER_TASKS]
         results["average"] = sum(picked) / len(picked)
         results["average_chance"] = sum(chance) / len(chance)
     if perplexity_records:
+        start = time.perf_counter()
         results["perplexity"] = response_perplexity(model, tokenizer, perplexity_records,
                                                     perplexity_max_length or max_length, batch_size)
-        log(f"response perplexity: {results['perplexity']['perplexity']:.3f}")
+        results["seconds"]["perplexity"] = time.perf_counter() - start
+        log(f"response perplexity: {results['perplexity']['perplexity']:.3f} "
+            f"({results['seconds']['perplexity']:.0f} s)")
     return results
 
 
