@@ -213,6 +213,38 @@ def find_readers(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
     return readers
 
 
+def separate_qkv_attention(layer: nn.Module, head_dim: int) -> AttentionSite:
+    """A decoder layer's ``self_attn`` with separate ``q_proj`` / ``k_proj`` / ``v_proj`` (absent once every head is
+    gone) and ``o_proj`` inside the core."""
+    sa = layer.self_attn
+    q, k, v = (getattr(sa, n, None) for n in ("q_proj", "k_proj", "v_proj"))
+    return AttentionSite(layer, "self_attn", q, k, v, sa.o_proj, head_dim, "self")
+
+
+def gated_ffn(layer: nn.Module) -> FFNSite:
+    """A decoder layer's gated ``mlp`` with ``up_proj``, ``gate_proj`` and ``down_proj``."""
+    return FFNSite(layer.mlp.up_proj, layer.mlp.gate_proj, layer.mlp.down_proj)
+
+
+def decoder_layout(hf: nn.Module, spec: "ArchSpec", layer_norms: Callable[[nn.Module], list[nn.Module]],
+                   attention_sum: Callable[[nn.Module], nn.Module],
+                   attention: Callable[[nn.Module, int], AttentionSite] = separate_qkv_attention,
+                   ffn: Callable[[nn.Module], FFNSite] = gated_ffn) -> Layout:
+    """The layout of a pre-norm decoder (spec A.4, B.3): ``base_model.layers`` each with its attention and FFN sites
+    and its norms over the residual stream (``layer_norms``, all counted), then ``base_model.norm``. The residual sum
+    after a layer's attention is the input of ``attention_sum(layer)``; the sum after its FFN is the input of the next
+    layer's ``input_layernorm`` (after the last layer: ``base_model.norm``)."""
+    core, config = hf.base_model, hf.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layers = list(core.layers)
+    norms = [n for layer in layers for n in layer_norms(layer)] + [core.norm]
+    after_ffn = [layer.input_layernorm for layer in layers[1:]] + [core.norm]
+    return Layout(spec, core.embed_tokens.embedding_dim, [attention(layer, head_dim) for layer in layers],
+                  [ffn(layer) for layer in layers], [core.embed_tokens], [core.embed_tokens], norms, norms,
+                  find_readers(hf, spec.readers), attention_sums=[(attention_sum(layer), "in") for layer in layers],
+                  ffn_sums=[(n, "in") for n in after_ffn])
+
+
 def _unwrap_name(name: str) -> str:
     """Drop PEFT wrapper segments (``modules_to_save.<adapter>``, ``original_module``, ``base_layer``)."""
     out, skip = [], False

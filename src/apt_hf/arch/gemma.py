@@ -16,26 +16,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..runtime import ArchSpec, AttentionSite, FFNSite, Layout, find_readers, heads_setter
+from ..runtime import ArchSpec, Layout, decoder_layout, heads_setter
+
+
+def layer_norms(layer: nn.Module) -> list[nn.Module]:
+    return [layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+            layer.post_feedforward_layernorm]
 
 
 def layout(hf: nn.Module) -> Layout:
-    core, config = hf.base_model, hf.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attns, ffns, norms, att_sums, inputs = [], [], [], [], []
-    for layer in core.layers:
-        sa = layer.self_attn
-        q, k, v = (getattr(sa, n, None) for n in ("q_proj", "k_proj", "v_proj"))
-        attns.append(AttentionSite(layer, "self_attn", q, k, v, sa.o_proj, head_dim, "self"))
-        ffns.append(FFNSite(layer.mlp.up_proj, layer.mlp.gate_proj, layer.mlp.down_proj))
-        norms += [layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
-                  layer.post_feedforward_layernorm]
-        att_sums.append((layer.pre_feedforward_layernorm, "in"))
-        inputs.append(layer.input_layernorm)
-    norms.append(core.norm)
-    return Layout(SPEC, core.embed_tokens.embedding_dim, attns, ffns, [core.embed_tokens], [core.embed_tokens],
-                  norms, norms, find_readers(hf, SPEC.readers),
-                  attention_sums=att_sums, ffn_sums=[(n, "in") for n in inputs[1:] + [core.norm]])
+    return decoder_layout(hf, SPEC, layer_norms, attention_sum=lambda layer: layer.pre_feedforward_layernorm)
 
 
 SPEC = ArchSpec(
