@@ -37,13 +37,16 @@ KINDS: dict[str, tuple[str, str]] = {
     "vit": ("ViTForImageClassification", "SEQ_CLS"),
     "phi3": ("Phi3ForCausalLM", "CAUSAL_LM"),
     "modernbert": ("ModernBertForSequenceClassification", "SEQ_CLS"),
+    "deberta_v2": ("DebertaV2ForSequenceClassification", "SEQ_CLS"),
+    "deberta_v3": ("DebertaV2ForSequenceClassification", "SEQ_CLS"),
 }
 # The architectures every exactness test must cover (one tiny model per registered model_type family variant).
 EXACT_KINDS = ("bert", "roberta", "llama_mha", "llama_gqa", "xlmr", "qwen3", "gemma2", "gemma3", "distilbert", "vit",
-               "phi3", "modernbert")
+               "phi3", "modernbert", "deberta_v2", "deberta_v3")
 # Decoder kinds whose generation must be exact too.
 DECODER_KINDS = ("llama_mha", "llama_gqa", "qwen3", "gemma2", "gemma3", "phi3")
-EAGER_ONLY = ("gemma2",)  # transformers has no sdpa path for these (Gemma 2: attention soft-capping)
+# transformers has no sdpa path for these (Gemma 2: attention soft-capping; DeBERTa-v2: relative-position terms)
+EAGER_ONLY = ("gemma2", "deberta_v2", "deberta_v3")
 IMAGE_KINDS = ("vit",)  # models that read pixel_values
 
 
@@ -134,6 +137,22 @@ def make_config(kind: str, attn: str = "eager", **overrides) -> transformers.Pre
         fields = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48, image_size=8,
                       patch_size=4, num_channels=3, num_labels=N_LABELS, hidden_dropout_prob=0.0,
                       attention_probs_dropout_prob=0.0)
+    elif kind in ("deberta_v2", "deberta_v3"):
+        # v2: own position projections (pos_key_proj / pos_query_proj), un-normalised relative embeddings, absolute
+        # positions and token types; v3: key/query projections shared with the positions, log-bucketed relative
+        # positions (4 buckets < SEQ_LEN), LayerNorm on the relative embeddings. Weights of std 0.2 (not 0.02), so
+        # that the relative-position terms move the logits well beyond the tolerance of the exactness tests.
+        cls = transformers.DebertaV2Config
+        fields = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                      intermediate_size=48, max_position_embeddings=40, num_labels=N_LABELS, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                      initializer_range=0.2)
+        if kind == "deberta_v2":
+            fields.update(share_att_key=False, norm_rel_ebd="none", position_biased_input=True, type_vocab_size=2,
+                          max_relative_positions=16)
+        else:
+            fields.update(share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
+                          type_vocab_size=0, position_buckets=4)
     else:
         raise KeyError(f"unknown tiny model kind {kind!r}; pick one of {sorted(KINDS)}")
     fields.update(overrides)

@@ -24,7 +24,8 @@ from apt_hf.remote import arch_file, shipped_arch_source
 SEQ_CLS = {"xlmr": "XLMRobertaForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
            "gemma2": "Gemma2ForSequenceClassification", "gemma3": "Gemma3TextForSequenceClassification",
            "distilbert": "DistilBertForSequenceClassification", "vit": "ViTForImageClassification",
-           "phi3": "Phi3ForSequenceClassification", "modernbert": "ModernBertForSequenceClassification"}
+           "phi3": "Phi3ForSequenceClassification", "modernbert": "ModernBertForSequenceClassification",
+           "deberta_v2": "DebertaV2ForSequenceClassification", "deberta_v3": "DebertaV2ForSequenceClassification"}
 TARGET = 0.4
 
 
@@ -84,11 +85,12 @@ def test_a_match_test_narrows_a_spec():
     assert narrowed.matches(make_config("bert", num_hidden_layers=4))
 
 
-@pytest.mark.parametrize("kind,cls", [("vit", "ViTForMaskedImageModeling"), ("modernbert", "ModernBertForMaskedLM")])
+@pytest.mark.parametrize("kind,cls", [("vit", "ViTForMaskedImageModeling"), ("modernbert", "ModernBertForMaskedLM"),
+                                      ("deberta_v3", "DebertaV2ForMaskedLM")])
 def test_decoders_that_read_an_unpruned_width_are_refused(kind, cls):
-    """ViT's masked-image-modeling decoder is a convolution reading the hidden width; ModernBERT's masked-LM decoder
-    shares the token embedding but reads the head's unpruned width. Both are refused at get_peft_model, naming the
-    classes that work."""
+    """ViT's masked-image-modeling decoder is a convolution reading the hidden width; ModernBERT's and DeBERTa-v2's
+    masked-LM heads multiply by the token embedding but at the head's unpruned width. All are refused at
+    get_peft_model, naming the classes that work."""
     with pytest.raises(ValueError, match=f"{cls}.*Prune a "):
         peft.get_peft_model(getattr(transformers, cls)(make_config(kind)), apt_hf.APTConfig())
 
@@ -110,3 +112,58 @@ def test_modernbert_token_classifier_keeps_its_width(tmp_path):
     assert loaded.classifier.in_features == model.config.hidden_size
     assert loaded.model.embeddings.tok_embeddings.embedding_dim < model.config.hidden_size
     assert ((logits(loaded, inputs) - ref) * inputs["attention_mask"][..., None]).abs().max() <= 1e-4
+
+
+def test_deberta_with_a_convolution_layer_is_refused():
+    """DeBERTa-v2 xlarge/xxlarge add a convolution after the first layer (conv_kernel_size > 0); apt_hf refuses it
+    at get_peft_model and says which DeBERTa models work."""
+    model = transformers.DebertaV2ForSequenceClassification(make_config("deberta_v2", conv_kernel_size=3))
+    with pytest.raises(ValueError, match=r"conv_kernel_size=3.*DeBERTa-v3 models"):
+        peft.get_peft_model(model, apt_hf.APTConfig(task_type="SEQ_CLS"))
+
+
+def _outputs(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """Logits (question answering: start and end logits side by side), padded positions zeroed."""
+    with torch.no_grad():
+        out = model(**inputs)
+    if hasattr(out, "start_logits"):
+        return torch.stack([out.start_logits, out.end_logits], -1) * inputs["attention_mask"][..., None]
+    return out.logits * inputs["attention_mask"][..., None] if out.logits.dim() == 3 else out.logits
+
+
+@pytest.mark.parametrize("kind,cls,task,overrides", [
+    ("deberta_v2", "DebertaV2ForTokenClassification", "TOKEN_CLS", {}),
+    ("deberta_v3", "DebertaV2ForQuestionAnswering", "QUESTION_ANS", {"num_labels": 2}),
+    ("deberta_v2", "DebertaV2ForSequenceClassification", "SEQ_CLS", {"embedding_size": 24}),
+    ("deberta_v3", "DebertaV2ForSequenceClassification", "SEQ_CLS", {"embedding_size": 24}),
+], ids=["v2-token-cls", "v3-qa", "v2-embed-proj", "v3-embed-proj"])
+def test_deberta_task_heads_and_embedding_projection_are_exact(kind, cls, task, overrides, tmp_path):
+    """DeBERTa's token classifier and QA head read the residual stream at every position (their input columns
+    follow the hidden width); with embedding_size != hidden_size the token embeddings keep their width and the rows
+    of embed_proj follow the hidden width. Masked, physically pruned and load_pruned outputs agree."""
+    from conftest import make_inputs, random_masks, randomize_adapters
+
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(make_config(kind, **overrides)).eval()
+    pm = peft.get_peft_model(model, apt_hf.APTConfig(task_type=task))
+    randomize_adapters(pm)
+    inputs = make_inputs(kind)
+    dense = _outputs(pm.eval(), inputs)
+    written = random_masks(pm, seed=3)
+    ref = _outputs(pm, inputs)
+    assert (ref - dense).abs().max() > 1e-3
+    apt_hf.export_pruned(pm, tmp_path / "export")
+    loaded = apt_hf.load_pruned(tmp_path / "export")
+    assert (_outputs(loaded, inputs) - ref).abs().max() <= 1e-4
+    apt_hf.find_apt_model(pm).prune_to_masks()
+    assert (_outputs(pm, inputs) - ref).abs().max() <= 1e-4
+    width = int(written["hidden"][0].sum())
+    emb = loaded.deberta.embeddings
+    assert emb.LayerNorm.normalized_shape == (width,) and loaded.deberta.encoder.rel_embeddings.embedding_dim == width
+    if "embedding_size" in overrides:
+        assert emb.word_embeddings.embedding_dim == 24 and emb.embed_proj.weight.shape == (width, 24)
+        assert emb.embed_proj.out_features == width
+    else:
+        assert emb.word_embeddings.embedding_dim == width
+    head = loaded.classifier if task == "TOKEN_CLS" else loaded.qa_outputs if task == "QUESTION_ANS" else None
+    assert head is None or head.in_features == width

@@ -41,6 +41,8 @@ def site_weights(apt) -> dict:
             mod = getattr(s, role)
             if mod is not None:
                 out[("att", i, role)] = base_linear(mod).weight.detach().clone()
+        for j, mod in enumerate(s.extra):
+            out[("att", i, f"extra{j}")] = base_linear(mod).weight.detach().clone()
     for i, f in enumerate(lay.ffns):
         for role in ("up", "gate", "down"):
             mod = getattr(f, role)
@@ -157,7 +159,7 @@ def test_prune_in_place_is_exact(kind, attn):
         assert o.shape == (len(hid), len(kept) * dh[i])
         assert torch.equal(o, before[("att", i, "o")][hid][:, rows(kept, dh[i])])
         if len(kept) == 0:
-            assert site.q is None
+            assert site.q is None and not site.extra
             continue
         kv = torch.unique(torch.div(kept, groups[i], rounding_mode="floor"))
         q_rows, kv_rows = rows(kept, dh[i]), rows(kv, dh[i])
@@ -166,6 +168,10 @@ def test_prune_in_place_is_exact(kind, attn):
             want = {"q": torch.cat([q_rows, q_width + kv_rows, q_width + kv_width + kv_rows])}
         else:
             want = {"q": q_rows, "k": kv_rows, "v": kv_rows}
+        extra_before = [k for k in before if k[:2] == ("att", i) and k[2].startswith("extra")]
+        assert len(site.extra) == len(extra_before)
+        for j, mod in enumerate(site.extra):  # DeBERTa-v2's position projections follow the query heads
+            assert torch.equal(base_linear(mod).weight, before[("att", i, f"extra{j}")][q_rows][:, hid])
         for role, kept_rows in want.items():
             w = base_linear(getattr(site, role)).weight
             assert torch.equal(w, before[("att", i, role)][kept_rows][:, hid])
@@ -424,9 +430,9 @@ def test_count_params_llama_gqa_is_exact():
 
 
 def counted_numel(layout) -> int:
-    """The real number of parameters in the tensors spec B.3 counts: every attention projection, FFN matrix and
-    counted norm (weights and biases), read off the modules."""
-    mods = [m for s in layout.attentions for m in (s.q, s.k, s.v, s.o) if m is not None]
+    """The real number of parameters in the tensors spec B.3 counts: every attention projection (DeBERTa-v2's
+    position projections too), FFN matrix and counted norm (weights and biases), read off the modules."""
+    mods = [m for s in layout.attentions for m in (s.q, s.k, s.v, s.o, *s.extra) if m is not None]
     mods += [m for f in layout.ffns for m in (f.up, f.gate, f.down) if m is not None]
     mods = list({id(m): m for m in mods}.values())  # a fused projection (Phi-3's qkv_proj, gate_up_proj) once
     total = sum(t.numel() for m in mods for t in (base_linear(m).weight, base_linear(m).bias) if t is not None)

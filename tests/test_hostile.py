@@ -49,6 +49,7 @@ def structures(draw):
     heads = [g * draw(st.integers(0, 3)) for g in groups]
     neurons = [draw(st.integers(0, 6)) for _ in range(n_ffn)]
     hidden = draw(st.integers(1, 6))
+    extra = [draw(st.integers(0, 2)) for _ in range(n_att)]  # DeBERTa-v2's per-head position projections
     cm = CountModel(
         head_dim=tuple(draw(st.integers(1, 4)) for _ in range(n_att)), group_size=tuple(groups),
         qkv_bias=tuple(draw(st.integers(0, 1)) for _ in range(n_att)),
@@ -57,6 +58,7 @@ def structures(draw):
         ffn_in_bias=tuple(draw(st.integers(0, 2)) for _ in range(n_ffn)),
         down_bias=tuple(draw(st.integers(0, 1)) for _ in range(n_ffn)),
         norm_per_dim=draw(st.integers(0, 4)),
+        extra_mats=tuple(extra), extra_bias=tuple(draw(st.integers(0, e)) for e in extra),
     )
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
 
@@ -146,7 +148,7 @@ def test_non_finite_salience_is_rejected_by_name(data, where, bad, pos):
 
 
 def test_search_rejects_bad_budget_and_costs():
-    cm = CountModel((2,), (1,), (1,), (1,), (2,), (1,), (1,), 2)
+    cm = CountModel((2,), (1,), (1,), (1,), (2,), (1,), (1,), 2, (0,), (0,))
     s = ([torch.ones(2)], [torch.ones(3)], torch.ones(4))
     with pytest.raises(ValueError, match="budget is NaN"):
         search_kept(*s, cm.count, 1.0, 1.0, 1.0, NAN)

@@ -60,6 +60,10 @@ FAMILIES = {
     "phi3": ("Phi3ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
     "modernbert": ("ModernBertForSequenceClassification", "SEQ_CLS", "AutoModelForSequenceClassification",
                    "text-classification"),
+    "deberta_v2": ("DebertaV2ForSequenceClassification", "SEQ_CLS", "AutoModelForSequenceClassification",
+                   "text-classification"),
+    "deberta_v3": ("DebertaV2ForSequenceClassification", "SEQ_CLS", "AutoModelForSequenceClassification",
+                   "text-classification"),
 }
 TIED = ("llama_tied", "t5", "gemma2", "gemma3")
 

@@ -4,8 +4,9 @@ Values lie in [0, 1]. They act on activations, exactly where the paper's ``m_o``
 
 - head mask: each head's slice of the attention context, before the output projection (right for GQA too);
 - neuron mask: the FFN intermediate activation, before the down projection;
-- hidden mask: the embedding output, every sub-layer output written to the residual stream, and every norm,
-  whose statistics are computed over the kept (mask > 0) dimensions only, so that physical removal is exact.
+- hidden mask: the embedding output, every sub-layer output written to the residual stream, every other
+  hidden-width input the layout names (``Layout.hidden_kwargs``), and every norm, whose statistics are computed over
+  the kept (mask > 0) dimensions only, so that physical removal is exact.
 
 The container also records, per site, which positions of the *original* model are still physically present
 (``kept_*``), so that a pruned model can be rebuilt from a fresh base model when it is loaded.
@@ -227,8 +228,18 @@ def install_mask_hooks(layout: Layout, masks: APTMasks) -> list[torch.utils.hook
         handles.append(site.o.register_forward_pre_hook(head_hook(i, site.head_dim)))
     for i, site in enumerate(layout.ffns):
         handles.append(site.down.register_forward_pre_hook(neuron_hook(i)))
+    def hidden_kwarg_hook(keyword: str) -> Callable:
+        def hook(module, args, kwargs):
+            m, x = masks.hidden, kwargs.get(keyword)
+            if masks.is_full(m) or x is None:
+                return None
+            return args, {**kwargs, keyword: _scale_last(x, m)}
+        return hook
+
     for module in layout.hidden_writers + layout.embedding_outputs:
         handles.append(module.register_forward_hook(hidden_out_hook))
+    for module, keyword in layout.hidden_kwargs:
+        handles.append(module.register_forward_pre_hook(hidden_kwarg_hook(keyword), with_kwargs=True))
     for norm in layout.norms:
         make_norm_masked(norm, masks, layout.spec.norm)
     return handles

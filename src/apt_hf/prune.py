@@ -72,6 +72,8 @@ def prune_heads(layout: Layout, i: int, heads: torch.Tensor, changes: list[Param
         _select(site.q, q_rows, None, changes)
         _select(site.k, kv_rows, None, changes)
         _select(site.v, kv_rows, None, changes)
+    for module in site.extra:
+        _select(module, q_rows, None, changes)
     _select(site.o, None, q_rows, changes)
     spec = layout.spec
     original = None

@@ -62,6 +62,9 @@ class AttentionSite:
     kind: str  # "self" or "cross"
     # a fused q/k/v projection (q = k = v, rows [q | k | v], e.g. Phi-3's qkv_proj): its (query, key/value) heads
     fused: Optional[tuple[int, int]] = None
+    # further projections from the hidden width with one row block per query head, sliced with q (DeBERTa-v2's
+    # pos_key_proj / pos_query_proj, which project the relative-position embeddings)
+    extra: tuple[nn.Module, ...] = ()
 
     @property
     def core(self) -> nn.Module:
@@ -143,6 +146,10 @@ class Layout:
     # other parameters with one axis over the hidden width, (module, name, axis): ViT's patch projection, CLS token
     # and position embeddings
     hidden_params: list[tuple[nn.Module, str, int]] = field(default_factory=list)
+    # hidden-width tensors a module receives as a keyword argument, (module, keyword), that are neither a residual
+    # sum nor a norm's output, so the hidden mask must act on them (DeBERTa-v2's un-normalised relative-position
+    # embeddings)
+    hidden_kwargs: list[tuple[nn.Module, str]] = field(default_factory=list)
 
     @property
     def family(self) -> str:
@@ -154,7 +161,7 @@ class Layout:
 
     @property
     def hidden_readers(self) -> list[nn.Module]:
-        mods = [m for s in self.attentions for m in (s.q, s.k, s.v) if m is not None]
+        mods = [m for s in self.attentions for m in (s.q, s.k, s.v, *s.extra) if m is not None]
         mods += [m for f in self.ffns for m in (f.up, f.gate) if m is not None]
         return list({id(m): m for m in mods + self.readers}.values())  # a fused projection once
 
@@ -332,6 +339,7 @@ def empty_attention(layout: Layout, i: int, o_inside: bool) -> None:
     setattr(site.parent, site.core_name, EmptyAttention(site.o if o_inside else None, getattr(core, "layer_idx", None),
                                                         site.head_dim, o_name))
     site.q = site.k = site.v = None
+    site.extra = ()
 
 
 class ConfigView:
@@ -381,9 +389,12 @@ def heads_setter(count_attrs: tuple[str, ...] = (), width_attrs: tuple[str, ...]
 
 
 def set_hidden_width(module: nn.Module, name: str, axis: int, width: int) -> None:
-    """Keep a convolution's size attribute in step with a hidden-width parameter resized to ``width``."""
+    """Keep a convolution's or linear map's size attribute in step with a hidden-width parameter resized to
+    ``width``."""
     if isinstance(module, nn.modules.conv._ConvNd) and name == "weight" and axis == 0:
         module.out_channels = width
+    elif isinstance(module, nn.Linear) and name == "weight":
+        setattr(module, ("out_features", "in_features")[axis % 2], width)
 
 
 # ---------------------------------------------------------------------------------------------- the record
@@ -508,6 +519,8 @@ def shape_model(model: nn.Module, record: dict, spec: ArchSpec) -> None:
             linear(site.q, n_q * dh, d)
             linear(site.k, n_kv * dh, d)
             linear(site.v, n_kv * dh, d)
+        for module in site.extra if n_q else ():
+            linear(module, n_q * dh, d)
         original = record[layout.spec.head_index_key][i] if layout.spec.head_index_key else None
         if n_q < full or (original is not None and original != list(range(full))):
             layout.spec.set_heads(layout, i, n_q, n_q // n_kv if n_kv else 0, original)

@@ -301,8 +301,7 @@ def fill_budget(
         if kind == "r":
             if j != next_row[l]:
                 continue
-            dh, qb, n = cm.head_dim[l], cm.qkv_bias[l], len(rows[(l, j)])
-            delta, grow = n * (d * dh * 2 + qb * dh), n * dh * 2
+            delta, grow = cm.query_heads_cost(l, d, len(rows[(l, j)]), kv=False)
         else:
             delta, grow = _block_cost(cm, kind, l, d, per_dim)
         if total + delta > budget:
@@ -327,11 +326,9 @@ def _block_cost(cm, kind: str, l: int, d: int, per_dim: float, size: int = 1) ->
     hidden dimension at width ``d``, and how much it adds to the cost of one hidden dimension (spec B.3, the terms
     of ``CountModel.count``)."""
     if kind == "h":
-        dh, qb = cm.head_dim[l], cm.qkv_bias[l]
-        return d * dh * 4 + qb * dh * 3, dh * 4
+        return cm.query_heads_cost(l, d)
     if kind == "r":  # a row of a grouped-query layer: one query head (q and o) in each of ``size`` live groups
-        dh, qb = cm.head_dim[l], cm.qkv_bias[l]
-        return size * (d * dh * 2 + qb * dh), size * dh * 2
+        return cm.query_heads_cost(l, d, size, kv=False)
     if kind == "n":
         return cm.ffn_mats[l] * d + cm.ffn_in_bias[l], cm.ffn_mats[l]
     return per_dim, 0.0

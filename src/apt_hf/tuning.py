@@ -26,7 +26,8 @@ def live_widths(layers: dict[str, APTLinear], layout: Layout, masks: APTMasks) -
         kv_width = int(kv_heads_kept(alive, site.group_size).sum()) * site.head_dim
         qkv = ((site.q, (hidden, q_width + 2 * kv_width)),) if site.fused else (
             (site.q, (hidden, q_width)), (site.k, (hidden, kv_width)), (site.v, (hidden, kv_width)))
-        for module, width in qkv + ((site.o, (q_width, hidden)),):
+        extra = tuple((module, (hidden, q_width)) for module in site.extra)
+        for module, width in qkv + extra + ((site.o, (q_width, hidden)),):
             if module is not None:
                 units[id(module)] = width
     for j, site in enumerate(layout.ffns):
