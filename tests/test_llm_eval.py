@@ -47,8 +47,9 @@ def test_encode_pair_moves_trailing_space_to_the_continuation(tokenizer):
 
 
 def test_loglikelihoods_match_a_direct_computation(model, tokenizer):
-    requests = [("The sky is", " blue"), ("The sky is", " green and wide"), ("Q: 2+2?\nA:", " 4")]
-    got = loglikelihoods(model, tokenizer, requests, batch_size=2)
+    requests = [("The sky is", " blue"), ("The sky is", " green and wide"), ("Q: 2+2?\nA:", " 4"),
+                ("The sky is", " a deep shade of blue today"), ("The sky is", " grey"), ("The sky is", " blue")]
+    got = loglikelihoods(model, tokenizer, requests, batch_size=2)  # shared context, continuations in chunks
     for (context, continuation), value in zip(requests, got):
         ctx, cont = encode_pair(tokenizer, context, continuation)
         ids = torch.tensor([ctx + cont])
@@ -74,9 +75,14 @@ def test_shared_inputs_are_computed_once(model, tokenizer):
         letters = [" A", " B", " C", " D"]
         assert all(len(encode_pair(tokenizer, "Answer:", c)[1]) == 1 for c in letters)
         loglikelihoods(model, tokenizer, [("Answer:", c) for c in letters], batch_size=8)
+        assert calls == [1]
+        # multi-token answers after one long prompt: the prompt runs once, the answers on its key/value cache
+        calls.clear()
+        answers = [" green and wide", " a deep shade of blue today", " grey and dull", " D"]
+        loglikelihoods(model, tokenizer, [("Question: what is it? The sky is", c) for c in answers], batch_size=2)
     finally:
         del model.forward
-    assert calls == [1]
+    assert calls == [1, 2, 1]
 
 
 def test_scores_acc_acc_norm_and_mc2():
@@ -133,7 +139,7 @@ def test_apt_model_and_its_export_score_the_same(model, tokenizer, tmp_path):
     assert wrapped["tasks"]["mmlu"]["n"] == 57  # the limit applies per subject
     for task, scores in wrapped["tasks"].items():
         for key, value in scores.items():
-            assert exported["tasks"][task][key] == pytest.approx(value, abs=1e-9), (task, key)
+            assert exported["tasks"][task][key] == pytest.approx(value, abs=1e-6), (task, key)
     assert exported["perplexity"]["perplexity"] == pytest.approx(wrapped["perplexity"]["perplexity"], rel=1e-4)
 
 

@@ -29,7 +29,9 @@ while it trains (masks applied) and an exported pruned model (``apt_hf.load_prun
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import inspect
 import json
 import math
 import os
@@ -227,48 +229,77 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _cache_name(model: torch.nn.Module) -> str:
+    """The forward argument that takes a key/value cache: ``cache`` from transformers 5.24, ``past_key_values``
+    before (HF_STACK_NOTES, version drift)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _context_scores(model: torch.nn.Module, context: tuple[int, ...], continuations: list[tuple[int, ...]],
+                    batch_size: int, pad: int, device: torch.device) -> list[float]:
+    """Log-likelihood of each continuation after one shared context: the context runs once and its key/value cache
+    serves every continuation (in chunks of ``batch_size`` rows, right-padded), so answer choices that share a long
+    prompt (TruthfulQA's primer, HellaSwag's passage) do not recompute it."""
+    out = model(input_ids=torch.tensor([context], device=device), use_cache=True)
+    past = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
+    scores = [float(first[c[0]]) for c in continuations]
+    longer = [i for i, c in enumerate(continuations) if len(c) > 1]
+    for start in range(0, len(longer), batch_size):
+        chunk = longer[start:start + batch_size]
+        width = max(len(continuations[i]) - 1 for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), len(context) + width), dtype=torch.long)
+        mask[:, :len(context)] = 1
+        for row, i in enumerate(chunk):
+            fed = continuations[i][:-1]  # each fed token predicts the next continuation token
+            ids[row, :len(fed)] = torch.tensor(fed)
+            mask[row, len(context):len(context) + len(fed)] = 1
+        cache = copy.deepcopy(past)
+        cache.batch_repeat_interleave(len(chunk))
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **{_cache_name(model): cache}).logits
+        for row, i in enumerate(chunk):
+            target = torch.tensor(continuations[i][1:], device=device)
+            rows = F.log_softmax(logits[row, :len(target)].float(), dim=-1)
+            scores[i] += float(rows.gather(-1, target[:, None]).sum())
+    return scores
+
+
 @torch.no_grad()
 def loglikelihoods(model: torch.nn.Module, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 8,
                    max_length: int = 2048) -> list[float]:
     """Sum of log-probabilities of each continuation given its context (lm-eval's ``loglikelihood`` request).
 
-    Identical model inputs are computed once (e.g. MMLU's four one-token answers share their context), inputs are
-    batched by length, and the context is cut from the left to ``max_length`` tokens."""
+    Context and continuation are cut from the left to ``max_length + 1`` tokens together, as the harness does;
+    requests with the same (cut) context share one pass over it (:func:`_context_scores`), so MMLU's four one-token
+    answers cost one forward pass and multiple-choice prompts are read once per question."""
     was_training = model.training
     model.eval()
     device = _model_device(model)
-    items = []
+    keys = []
     for context, continuation in requests:
         ctx, cont = encode_pair(tokenizer, context, continuation)
         if not cont:
             raise EvalDataError(f"continuation {continuation!r} encodes to no token")
         full = (ctx + cont)[-(max_length + 1):]
-        items.append((tuple(full[:-1]), cont))
-    unique = sorted({inp for inp, _ in items}, key=len, reverse=True)
-    scores: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
-    wanted: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
-    for inp, cont in items:
-        wanted.setdefault(inp, set()).add(tuple(cont))
+        if len(full) <= len(cont):
+            raise EvalDataError(f"context {context[:40]!r}... leaves no token before the continuation within "
+                                f"max_length {max_length}; raise max_length")
+        keys.append((tuple(full[:len(full) - len(cont)]), tuple(cont)))
+    wanted: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+    for ctx, cont in keys:
+        if cont not in wanted.setdefault(ctx, []):
+            wanted[ctx].append(cont)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
     try:
-        for start in range(0, len(unique), batch_size):
-            batch = unique[start:start + batch_size]
-            width = len(batch[0])
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, inp in enumerate(batch):
-                ids[row, :len(inp)] = torch.tensor(inp)
-                mask[row, :len(inp)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            for row, inp in enumerate(batch):
-                for cont in wanted[inp]:
-                    n = len(cont)
-                    rows = logits[row, len(inp) - n:len(inp)].float()
-                    logp = F.log_softmax(rows, dim=-1).gather(-1, torch.tensor(cont, device=device)[:, None])
-                    scores[(inp, cont)] = float(logp.sum())
+        for ctx, conts in wanted.items():
+            for cont, score in zip(conts, _context_scores(model, ctx, conts, batch_size, pad, device)):
+                scores[(ctx, cont)] = score
     finally:
         model.train(was_training)
-    return [scores[(inp, tuple(cont))] for inp, cont in items]
+    return [scores[key] for key in keys]
 
 
 def score_examples(examples: Sequence[Example], lls: Sequence[Sequence[float]], task: str) -> dict[str, float]:
