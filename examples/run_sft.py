@@ -25,7 +25,6 @@ The schedule options (``--pruning_start``, ``--pruning_end``, ...) are those of 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -41,11 +40,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     DataCollatorForSeq2Seq,
     HfArgumentParser,
     Trainer,
@@ -55,20 +51,18 @@ from transformers import (  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent
 REPO_ROOT = EXAMPLES.parent
-sys.path.insert(0, str(EXAMPLES))  # run_glue's shared helpers, also when this file is imported by path
-try:
-    import apt_hf
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO_ROOT / "src"))
-    import apt_hf
-import peft  # noqa: E402  (after apt_hf, which registers the APT tuner with PEFT)
+sys.path.insert(0, str(EXAMPLES))  # utils_examples.py, beside this script, also when this file is imported by path
+from utils_examples import (AdapterArguments, APTArguments, EvalClock, InputError, adapt_model,  # noqa: E402
+                            build_apt_config, exit_on_bad_input, export_folder, kept_params_row,
+                            load_config_and_tokenizer, lora_prune, optimizer_steps, pruned_size, save_summary,
+                            setup_logging)
+
+import apt_hf  # noqa: E402  (found by utils_examples in a source checkout)
 from apt_hf.arch import SPECS, find_spec  # noqa: E402
 from apt_hf.callback import resolve_plan  # noqa: E402
 from apt_hf.instruct import InstructDataError, load_instructions, tokenize_example  # noqa: E402
 from apt_hf.llm_eval import EvalDataError, evaluate, response_perplexity  # noqa: E402
 from apt_hf.offline_models import MissingCheckpointError, smollm2_path  # noqa: E402
-from run_glue import (APTArguments, EvalClock, InputError, build_apt_config,  # noqa: E402
-                      optimizer_steps)
 
 logger = logging.getLogger(__name__)
 
@@ -108,20 +102,17 @@ class DataArguments:
 
 
 @dataclass
-class MethodArguments:
+class MethodArguments(AdapterArguments):
     method: str = field(default="apt", metadata={"help": "apt, lora or lora_prune (LoRA, then retraining-free Fisher "
                                                  "pruning to the same density).",
                                                  "choices": ["apt", "lora", "lora_prune"]})
-    lora_r: int = field(default=8, metadata={"help": "Adapter rank (LoRA) / initial adapter rank (APT)."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "Adapter alpha; scale = lora_alpha / lora_r."})
+    export_dir: Optional[str] = field(default=None, metadata={
+        "help": "Where the pruned (APT, LoRA+Prune) or merged (LoRA) model is saved. Default <output_dir>/"
+                "pruned_model, replaced on every run; a folder you name must be empty unless --overwrite_export."})
     prune_samples: int = field(default=256, metadata={"help": "lora_prune: examples for the Fisher information."})
     pretune_density: float = field(default=1.0, metadata={"help": "APT: prune to this density before tuning "
                                                                   "(spec D.6; 1 = off)."})
     pretune_batches: int = field(default=64, metadata={"help": "APT: calibration batches of pre-tuning pruning."})
-    export_dir: Optional[str] = field(default=None, metadata={
-        "help": "Where the pruned (APT, LoRA+Prune) or merged (LoRA) model is saved. Default <output_dir>/"
-                "pruned_model, replaced on every run; a folder you name must be empty unless --overwrite_export."})
-    overwrite_export: bool = field(default=False, metadata={"help": "Allow replacing files in --export_dir."})
     eval_tasks: str = field(default="", metadata={"help": "Score the exported model with apt_hf.llm_eval: 'paper', "
                                                         "'all' or task names (empty: skip)."})
     eval_limit: Optional[int] = field(default=None, metadata={"help": "First N examples per task (per MMLU subject)."})
@@ -196,33 +187,29 @@ def speed_prompts(tokenizer, records: list[dict], max_tokens: int = 64) -> list[
     return out
 
 
-def print_summary(summary: dict[str, Any]) -> None:
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The rows of the end-of-run table."""
     rows = [("method", summary["method"]), ("held-out eval loss", f"{summary['eval_loss']:.4f}"),
-            ("held-out response perplexity", f"{summary['perplexity']:.3f}"),
-            ("kept params", f"{summary['kept_params']:,} / {summary['original_params']:,} "
-                            f"(density {summary['density']:.3f})")]
+            ("held-out response perplexity", f"{summary['perplexity']:.3f}"), kept_params_row(summary)]
     for b, ratio in (summary.get("generation_speedup") or {}).items():
         rows.append((f"generation speed-up, batch {b}", f"{ratio:.2f}x ({summary['dense_tokens_per_s'][b]:.1f} -> "
                                                         f"{summary['exported_tokens_per_s'][b]:.1f} tokens/s)"))
     if summary.get("llm_eval", {}).get("average") is not None:
         rows.append(("llm_eval average", f"{summary['llm_eval']['average']:.4f}"))
     rows.append(("exported to", summary["export_dir"]))
-    width = max(len(k) for k, _ in rows)
-    print("\n***** run_sft summary *****")
-    for key, value in rows:
-        print(f"  {key:<{width}} : {value}")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    # 1. Arguments (the APT schedule options are run_glue's; the paper's LLaMA sparsity is 30 %).
+    # 1. Arguments (the APT schedule options are those of every example; the paper's LLaMA sparsity is 30 %).
     parser = HfArgumentParser((ModelArguments, DataArguments, MethodArguments, APTArguments, TrainingArguments),
                               prog=Path(__file__).name)
     parser.set_defaults(**TRAINING_DEFAULTS, target_sparsity=0.3)
     model_args, data_args, method_args, apt_args, training_args = parser.parse_args_into_dataclasses(args=argv)
 
     # 2. Check every input before a model is built; a problem ends the run with one message.
-    try:
+    with exit_on_bad_input(parser, InstructDataError, EvalDataError, ValueError):
         records = load_instructions(data_args.train_file)
         if not 0 < data_args.heldout_rows < len(records):
             raise InputError(f"--heldout_rows {data_args.heldout_rows} must be between 1 and the number of records "
@@ -235,11 +222,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if not train_records or not eval_records:
             raise InputError("--max_train_samples and --max_eval_samples must leave at least one record")
         model_path = model_args.model_name_or_path or default_model_path()
-        try:
-            config = AutoConfig.from_pretrained(model_path)
-            tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path)
-        except (OSError, ValueError) as err:
-            raise InputError(f"cannot load the model or tokenizer from {model_path!r}: {err}") from None
+        config, tokenizer = load_config_and_tokenizer(model_path, model_args.tokenizer_name)
         check_causal_lm(config, method_args.method)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -266,10 +249,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             if apt_config.distillation and not any(plan.prunes(e) for e in plan.events):
                 raise InputError(f"--pretune_density {method_args.pretune_density} already reaches the final density, "
                                  "so no pruning event is left to self-distil over; pass --distillation False")
-        export_dir = Path(method_args.export_dir or Path(training_args.output_dir) / "pruned_model")
-        if (method_args.export_dir and not method_args.overwrite_export and export_dir.is_dir()
-                and any(export_dir.iterdir())):
-            raise InputError(f"--export_dir {export_dir} is not empty; pick a new folder or pass --overwrite_export")
+        export_dir = export_folder(method_args, training_args.output_dir, checked=True)  # every method exports
         speed_sizes = [int(b) for b in method_args.speed_batch_sizes.split(",") if b.strip()]
         if method_args.speed_new_tokens and (not speed_sizes or min(speed_sizes) < 1):
             raise InputError(f"--speed_batch_sizes {method_args.speed_batch_sizes!r} must list positive batch sizes")
@@ -278,32 +258,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
             eval_limits = {**{n: method_args.eval_limit for n in resolve_tasks(method_args.eval_tasks)},
                            **parse_task_limits(method_args.eval_task_limits)}
-    except (InstructDataError, InputError, EvalDataError, ValueError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
     # 3. Logging (as in the transformers examples).
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-                        datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    logger.warning(f"Process rank: {training_args.process_index}, device: {training_args.device}, "
-                   f"n_procs: {training_args.world_size}; method {method_args.method}, {len(train_examples)} train / "
-                   f"{len(eval_examples)} held-out examples, {total_steps} optimizer steps, chat template: "
-                   f"{bool(getattr(tokenizer, 'chat_template', None))}")
+    setup_logging(logger, training_args, f"method {method_args.method}, {len(train_examples)} train / "
+                                         f"{len(eval_examples)} held-out examples, {total_steps} optimizer steps, "
+                                         f"chat template: {bool(getattr(tokenizer, 'chat_template', None))}")
     set_seed(training_args.seed)
 
     # 4. Model and method.
     model = AutoModelForCausalLM.from_pretrained(model_path, config=config)
     original_params = apt_hf.count_params(model)
-    if method_args.method == "apt":
-        model = peft.get_peft_model(model, apt_config)
-    else:
-        model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=method_args.lora_r,
-                                                           lora_alpha=method_args.lora_alpha,
-                                                           target_modules=ADAPTER_TARGETS))
-    model.print_trainable_parameters()
+    model = adapt_model(model, method_args, apt_config, "CAUSAL_LM", ADAPTER_TARGETS)
     train_dataset = datasets.Dataset.from_list(train_examples)
     eval_dataset = datasets.Dataset.from_list(eval_examples)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
@@ -315,17 +280,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                           processing_class=tokenizer, data_collator=collator, callbacks=[clock])
     train_result = trainer.train()
     if method_args.method == "lora_prune":  # LoRA+Prune: merge, then retraining-free structured pruning (Kwon 2022)
-        from apt_hf.baselines import fisher_prune
-
-        start = time.perf_counter()
-        merged = model.merge_and_unload()
-        model = peft.get_peft_model(merged, apt_hf.APTConfig(task_type="CAUSAL_LM", target_modules=["q_proj"],
-                                                             distillation=False))
-        trainer.model = trainer.model_wrapped = model
-        report = fisher_prune(model, trainer.get_train_dataloader(), 1.0 - apt_args.target_sparsity,
-                              num_samples=method_args.prune_samples)
-        logger.warning(f"LoRA+Prune: Fisher pruning took {time.perf_counter() - start:.1f}s, "
-                       f"density {report['density']:.4f}")
+        model = lora_prune(trainer, model, "CAUSAL_LM", "q_proj", apt_args.target_sparsity, method_args.prune_samples,
+                           logger)
     train_time = clock.train_time()
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trainer.log_metrics("train", train_result.metrics)
@@ -349,9 +305,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             export_dir.mkdir(parents=True, exist_ok=True)
             exported.save_pretrained(export_dir)
         else:
-            summary["kept_params"] = apt_hf.count_params(model)
-            summary["original_params"] = apt_hf.find_apt_model(model).n_params
-            summary["density"] = summary["kept_params"] / summary["original_params"]
+            summary.update(pruned_size(model))
             exported = apt_hf.export_pruned(model, export_dir, overwrite=True)
         tokenizer.save_pretrained(export_dir)
         summary["perplexity"] = response_perplexity(exported, tokenizer, eval_records, data_args.max_seq_length,
@@ -369,9 +323,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 dense_tps[b], exported_tps[b], speedup[b] = d, e, e / d
             summary.update(dense_tokens_per_s=dense_tps, exported_tokens_per_s=exported_tps,
                            generation_speedup=speedup, speed_new_tokens=method_args.speed_new_tokens)
-        Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(training_args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-        print_summary(summary)
+        save_summary(summary, training_args.output_dir, "run_sft", summary_rows(summary))
     return summary
 
 

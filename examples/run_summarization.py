@@ -40,9 +40,7 @@ import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoConfig,
     AutoModelForSeq2SeqLM,
-    AutoTokenizer,
     DataCollatorForSeq2Seq,
     EvalPrediction,
     HfArgumentParser,
@@ -52,16 +50,13 @@ from transformers import (  # noqa: E402
 )
 
 EXAMPLES = Path(__file__).resolve().parent
-sys.path.insert(0, str(EXAMPLES))  # run_glue's shared helpers, also when this file is imported by path
-try:
-    import apt_hf
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(EXAMPLES.parent / "src"))
-    import apt_hf
-import peft  # noqa: E402  (after apt_hf, which registers the APT tuner with PEFT)
+sys.path.insert(0, str(EXAMPLES))  # utils_examples.py, beside this script, also when this file is imported by path
+from utils_examples import (AdapterArguments, APTArguments, EvalClock, InputError, adapt_model,  # noqa: E402
+                            build_apt_config, default_learning_rate, exit_on_bad_input, export_folder, kept_params_row,
+                            load_config_and_tokenizer, optimizer_steps, pruned_size, save_summary, setup_logging)
+
+import apt_hf  # noqa: E402  (found by utils_examples in a source checkout)
 from apt_hf.arch import SPECS, find_spec  # noqa: E402
-from run_glue import (DEFAULT_LEARNING_RATE, APTArguments, EvalClock, InputError, build_apt_config,  # noqa: E402
-                      optimizer_steps)
 
 logger = logging.getLogger(__name__)
 
@@ -94,17 +89,6 @@ class DataArguments:
     num_beams: int = field(default=1, metadata={"help": "Beams of the generation at evaluation."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Train on the first N records."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate on the first N records."})
-
-
-@dataclass
-class MethodArguments:
-    method: str = field(default="apt", metadata={"help": "apt, lora or ft.", "choices": ["apt", "lora", "ft"]})
-    lora_r: int = field(default=8, metadata={"help": "Adapter rank (LoRA) / initial adapter rank (APT)."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "Adapter alpha; scale = lora_alpha / lora_r."})
-    export_dir: Optional[str] = field(default=None, metadata={
-        "help": "APT only: where the pruned model is exported. Default <output_dir>/pruned_model, replaced on every "
-                "run; a folder you name must be empty unless --overwrite_export."})
-    overwrite_export: bool = field(default=False, metadata={"help": "Allow replacing files in --export_dir."})
 
 
 class APTSeq2SeqTrainer(apt_hf.APTTrainer, Seq2SeqTrainer):
@@ -185,32 +169,28 @@ def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return out
 
 
-def print_summary(summary: dict[str, Any]) -> None:
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The rows of the end-of-run table."""
     rouge = summary["rouge"]
     rows = [("method", summary["method"]),
             ("ROUGE-1/2/L/Lsum", " / ".join(f"{rouge[k]:.2f}" for k in ROUGE_TYPES) if rouge["rouge1"] is not None
              else "not computed (--predict_with_generate False)"),
-            ("kept params", f"{summary['kept_params']:,} / {summary['original_params']:,} "
-                            f"(density {summary['density']:.3f})")]
+            kept_params_row(summary)]
     if summary.get("export_dir"):
         rows.append(("exported to", summary["export_dir"]))
-    width = max(len(k) for k, _ in rows)
-    print("\n***** run_summarization summary *****")
-    for key, value in rows:
-        print(f"  {key:<{width}} : {value}")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, MethodArguments, APTArguments, Seq2SeqTrainingArguments),
+    parser = HfArgumentParser((ModelArguments, DataArguments, AdapterArguments, APTArguments, Seq2SeqTrainingArguments),
                               prog=Path(__file__).name)
     parser.set_defaults(**TRAINING_DEFAULTS)
     model_args, data_args, method_args, apt_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    if training_args.learning_rate is None:
-        training_args.learning_rate = DEFAULT_LEARNING_RATE[method_args.method]
+    default_learning_rate(training_args, method_args.method)
 
     # Check every input before a model is built; a problem ends the run with one message.
-    try:
+    with exit_on_bad_input(parser):
         if not model_args.model_name_or_path:
             raise InputError("--model_name_or_path is required: a T5-family checkpoint folder (no T5 ships offline; "
                              "with HF_HUB_OFFLINE=0 a Hub id such as google/t5-base-lm-adapt)")
@@ -219,45 +199,22 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         train_rows = train_rows[:data_args.max_train_samples] if data_args.max_train_samples else train_rows
         eval_rows = eval_rows[:data_args.max_eval_samples] if data_args.max_eval_samples else eval_rows
         model_path = model_args.model_name_or_path
-        try:
-            config = AutoConfig.from_pretrained(model_path)
-            tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path)
-        except (OSError, ValueError) as err:
-            raise InputError(f"cannot load the model or tokenizer from {model_path!r}: {err}") from None
+        config, tokenizer = load_config_and_tokenizer(model_path, model_args.tokenizer_name)
         check_seq2seq_model(config, method_args.method)
         total_steps = optimizer_steps(len(train_rows), training_args)
         apt_config = None
         if method_args.method == "apt":
             apt_config = build_apt_config(apt_args, method_args, total_steps)
             apt_config.task_type = "SEQ_2_SEQ_LM"
-        export_dir = Path(method_args.export_dir or Path(training_args.output_dir) / "pruned_model")
-        if (method_args.method == "apt" and method_args.export_dir and not method_args.overwrite_export
-                and export_dir.is_dir() and any(export_dir.iterdir())):
-            raise InputError(f"--export_dir {export_dir} is not empty; pick a new folder or pass --overwrite_export")
-    except InputError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+        export_dir = export_folder(method_args, training_args.output_dir, checked=method_args.method == "apt")
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-                        datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    logger.warning(f"Process rank: {training_args.process_index}, device: {training_args.device}, "
-                   f"n_procs: {training_args.world_size}; method {method_args.method}, {len(train_rows)} train / "
-                   f"{len(eval_rows)} eval records, {total_steps} optimizer steps")
+    setup_logging(logger, training_args, f"method {method_args.method}, {len(train_rows)} train / {len(eval_rows)} "
+                                         f"eval records, {total_steps} optimizer steps")
     set_seed(training_args.seed)
 
     model = AutoModelForSeq2SeqLM.from_pretrained(model_path, config=config)
     original_params = apt_hf.count_params(model)
-    if method_args.method == "apt":
-        model = peft.get_peft_model(model, apt_config)
-    elif method_args.method == "lora":
-        model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=method_args.lora_r,
-                                                           lora_alpha=method_args.lora_alpha,
-                                                           target_modules=["q", "v"]))
-    if hasattr(model, "print_trainable_parameters"):
-        model.print_trainable_parameters()
+    model = adapt_model(model, method_args, apt_config, "SEQ_2_SEQ_LM", ["q", "v"])
 
     def features(rows: list[dict]) -> datasets.Dataset:
         sources = encode(tokenizer, [data_args.source_prefix + r["source"] for r in rows], data_args.max_source_length)
@@ -296,15 +253,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     }
     if trainer.is_world_process_zero():
         if method_args.method == "apt":
-            summary["kept_params"] = apt_hf.count_params(model)
-            summary["original_params"] = apt_hf.find_apt_model(model).n_params
-            summary["density"] = summary["kept_params"] / summary["original_params"]
-            apt_hf.export_pruned(model, export_dir, overwrite=True)
-            tokenizer.save_pretrained(export_dir)
+            summary.update(pruned_size(model))
+            apt_hf.export_pruned(model, export_dir, tokenizer=tokenizer, overwrite=True)
             summary["export_dir"] = str(export_dir)
-        Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(training_args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-        print_summary(summary)
+        save_summary(summary, training_args.output_dir, "run_summarization", summary_rows(summary))
     return summary
 
 

@@ -4,26 +4,19 @@ table and plots."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from helpers_examples import REPO, loaded_script
 from tiny_lm import SHARED_DATA, bpe_tokenizer, tiny_llama_dir
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_benchmark.py"
+SCRIPT = REPO / "benchmarks" / "llm_benchmark.py"
 LIMA = SHARED_DATA / "instruct" / "lima" / "lima.json"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("llm_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from loaded_script(SCRIPT, "llm_benchmark")
 
 
 def fake_result(scores: dict[str, float], chance: float = 0.25, **extra) -> dict:

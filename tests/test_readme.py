@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers_examples import REPO, script_env
 
-REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(os.environ.get("APT_GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
 
 
@@ -43,10 +43,8 @@ def test_use_example_runs_as_written(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     (tmp_path / "shared").symlink_to(GLUE_DIR.parents[1], target_is_directory=True)  # ../shared/data/glue
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     code = "import torch; torch.set_num_threads(1)\n" + readme_use_example()
-    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=script_env(), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pruned = apt_hf.load_pruned(repo / "out" / "pruned")

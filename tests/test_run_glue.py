@@ -11,14 +11,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
+import helpers_examples
 import pytest
+from helpers_examples import REPO, explain, fail_before_training, loaded_script
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "run_glue.py"
+run_script = partial(helpers_examples.run_script, SCRIPT)  # python examples/run_glue.py ARGS, in a child process
 GLUE_DIR = Path(os.environ.get("APT_GLUE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
 
 
@@ -38,26 +40,10 @@ TINY_RUN = ["--task_name", "sst2", "--glue_dir", str(GLUE_DIR), "--max_train_sam
             "--speed_seq_length", "64"]
 
 
-def run_script(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def explain(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\n--- stdout (tail)\n{proc.stdout[-3000:]}\n--- stderr (tail)\n{proc.stderr[-3000:]}"
-
-
 @pytest.fixture(scope="module")
 def run_glue():
     """The example script as a module (``run_glue.main(argv)``)."""
-    spec = importlib.util.spec_from_file_location("run_glue_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is being executed
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from loaded_script(SCRIPT, "run_glue_example")
 
 
 # ------------------------------------------------------------------------------------------------ training runs
@@ -136,22 +122,6 @@ def write_sst2(root: Path, header: str, rows: list[str]) -> Path:
     for name in ("train.tsv", "dev.tsv"):
         (folder / name).write_text("\n".join([header, *rows]) + "\n")
     return root
-
-
-def fail_before_training(run_glue, monkeypatch, capsys, args: list[str]) -> str:
-    """Run ``main(args)``; it must exit non-zero with one error line and never build a model."""
-
-    def no_model(*_, **__):
-        raise AssertionError("a model was loaded although the inputs are invalid")
-
-    monkeypatch.setattr(run_glue.AutoModelForSequenceClassification, "from_pretrained", no_model)
-    with pytest.raises(SystemExit) as exc:
-        run_glue.main(args)
-    assert exc.value.code not in (0, None)
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("run_glue.py: error: "), err
-    assert "Traceback" not in err
-    return err
 
 
 def test_missing_glue_dir(run_glue, monkeypatch, capsys, tmp_path):

