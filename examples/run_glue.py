@@ -335,7 +335,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             raise InputError("--max_train_samples and --max_eval_samples must leave at least one row")
         total_steps = optimizer_steps(len(raw_train), training_args)
         apt_config = build_apt_config(apt_args, method_args, total_steps) if method_args.method == "apt" else None
-        export_dir = export_folder(method_args, training_args.output_dir, checked=method_args.method == "apt")
+        export_dir = export_folder(method_args, training_args.output_dir,
+                                   checked=method_args.method in ("apt", "lora_prune"))
         config, tokenizer = load_config_and_tokenizer(model_path, model_args.tokenizer_name,
                                                       num_labels=spec.num_labels, finetuning_task=spec.name)
         checkpoint = find_checkpoint(training_args, method_args)

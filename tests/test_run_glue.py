@@ -152,6 +152,20 @@ def test_labels_outside_label_set(run_glue, monkeypatch, capsys, tmp_path):
     assert "label(s) ['2']" in err and "not in the sst2 label set" in err and "train.tsv:3" in err
 
 
+@pytest.mark.parametrize("method", ["apt", "lora_prune"])
+def test_export_dir_that_is_not_empty_is_refused(run_glue, monkeypatch, capsys, tmp_path, method):
+    """Both methods that export refuse to write into a named, non-empty folder without --overwrite_export."""
+    glue = write_sst2(tmp_path / "glue", "sentence\tlabel", ["a fine film \t1", "a bad film \t0"])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    err = fail_before_training(run_glue, monkeypatch, capsys, ["--task_name", "sst2", "--glue_dir", str(glue),
+                                                               "--method", method, "--max_steps", "200", "--export_dir",
+                                                               str(tmp_path / "mine"), "--output_dir",
+                                                               str(tmp_path / "out")])
+    assert "is not empty" in err and "--overwrite_export" in err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
 @needs_real_data
 @pytest.mark.parametrize("schedule, expected", [
     (["--pruning_start", "0", "--pruning_end", "1000"], "pruning_end"),
@@ -213,7 +227,8 @@ def test_missing_checkpoint_package(run_glue, monkeypatch, capsys, tmp_path):
 def test_bad_input_exit_code_from_the_command_line(tmp_path):
     proc = run_script(["--task_name", "sst2", "--glue_dir", str(tmp_path / "nowhere")], timeout=120)
     assert proc.returncode == 2, explain(proc)
-    assert proc.stderr.strip().splitlines()[-1].startswith("run_glue.py: error: GLUE directory not found"), explain(proc)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("run_glue.py: error: GLUE directory not found"), explain(proc)
     assert "Traceback" not in proc.stderr and "***** train metrics" not in proc.stdout
 
 
