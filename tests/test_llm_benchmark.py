@@ -19,6 +19,11 @@ def bench():
     yield from loaded_script(SCRIPT, "llm_benchmark")
 
 
+@pytest.fixture(scope="module")
+def make_table():
+    yield from loaded_script(REPO / "benchmarks" / "make_table.py", "make_table")
+
+
 def fake_result(scores: dict[str, float], chance: float = 0.25, **extra) -> dict:
     tasks = {t: {"acc": v, "acc_norm": v, "chance_acc": chance, "chance_acc_norm": chance} for t, v in scores.items()}
     return {"llm_eval": {"tasks": tasks}, "perplexity": 5.0, "density": 1.0, **extra}
@@ -41,7 +46,7 @@ def test_table_is_relative_to_lora(bench):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not LIMA.is_file(), reason=f"needs LIMA at {LIMA} (set APT_SHARED_DATA)")
-def test_tiny_run_writes_one_file_per_method_and_resumes(bench, tmp_path, capsys, monkeypatch):
+def test_tiny_run_writes_one_file_per_method_and_resumes(bench, make_table, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models in child processes: one thread each
     rows = json.loads(LIMA.read_text())[:40]
     data = tmp_path / "lima40.json"
@@ -63,6 +68,9 @@ def test_tiny_run_writes_one_file_per_method_and_resumes(bench, tmp_path, capsys
     assert by_method["apt_30"]["gen_speedup_b8"] > 0
     for suffix in (".csv", "_curves.png", "_apt_schedule.png"):
         assert (results.parent / f"llm_tiny{suffix}").is_file()
+    markdown = make_table.llm_table(results.parent / "llm_tiny.json").splitlines()
+    assert "2 examples per task" in markdown[0] and "1 torch thread(s)" in markdown[0]
+    assert [line.split(" | ")[0] for line in markdown[4:]] == ["| dense", "| apt_30"]
     capsys.readouterr()
     bench.main(args)  # resumes: every method is done
     assert capsys.readouterr().out.count("exists, skipped") == 2
