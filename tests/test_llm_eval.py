@@ -128,7 +128,7 @@ def test_loaders_on_the_offline_files():
 def test_apt_model_and_its_export_score_the_same(model, tokenizer, tmp_path):
     pm = peft.get_peft_model(model, apt_hf.APTConfig(task_type="CAUSAL_LM", distillation=False))
     randomize_adapters(pm, std=0.05)
-    random_masks(pm, seed=1, no_heads_layer=None, no_neurons_layer=None, hidden_drop=0.2)
+    random_masks(pm, seed=1, no_heads_layer=0, no_neurons_layer=None, hidden_drop=0.2)  # layer 0: no head left
     records = json.loads((SHARED_DATA / "instruct/lima/lima.json").read_text())[:3]
     wrapped = evaluate(pm, tokenizer, "all", EVAL, limit=1, batch_size=8, max_length=256,
                        perplexity_records=records)

@@ -307,14 +307,15 @@ class EmptyAttention(nn.Module):
 
     When the output projection sits outside the core (BERT), the core returns a zero-width context and the
     projection adds its bias. When it lives inside (LLaMA, DistilBERT), it is kept here under its own name
-    (``o_name``); a key/value cache still receives zero-head entries so the cache length (and generation positions)
-    stay right.
+    (``o_name``); a key/value cache still receives one entry per token (a single zero of one head, one channel), so
+    the cache length stays right and the cache's batch operations (``batch_repeat_interleave`` for shared-prompt
+    scoring and beam search, ``batch_select_indices``) see a non-empty layer: transformers skips empty ones.
     """
 
-    def __init__(self, o_proj: Optional[nn.Module] = None, layer_idx: Optional[int] = None, head_dim: int = 0,
+    def __init__(self, o_proj: Optional[nn.Module] = None, layer_idx: Optional[int] = None,
                  o_name: str = "o_proj") -> None:
         super().__init__()
-        self.layer_idx, self.head_dim, self.o_name = layer_idx, head_dim, o_name
+        self.layer_idx, self.o_name = layer_idx, o_name
         if o_proj is not None:
             setattr(self, o_name, o_proj)
 
@@ -325,7 +326,7 @@ class EmptyAttention(nn.Module):
         cache = cache_argument(kwargs)
         if cache is not None:
             b, t = hidden_states.shape[:2]
-            kv = hidden_states.new_zeros(b, 0, t, self.head_dim)
+            kv = hidden_states.new_zeros(b, 1, t, 1)
             cache.update(kv, kv.clone(), self.layer_idx)
         return getattr(self, self.o_name)(empty), None
 
@@ -337,7 +338,7 @@ def empty_attention(layout: Layout, i: int, o_inside: bool) -> None:
     core = site.core
     o_name = next((n for n, m in core.named_children() if m is site.o), "o_proj") if o_inside else "o_proj"
     setattr(site.parent, site.core_name, EmptyAttention(site.o if o_inside else None, getattr(core, "layer_idx", None),
-                                                        site.head_dim, o_name))
+                                                        o_name))
     site.q = site.k = site.v = None
     site.extra = ()
 
