@@ -304,10 +304,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             exported = model.merge_and_unload().eval()
             export_dir.mkdir(parents=True, exist_ok=True)
             exported.save_pretrained(export_dir)
-        else:
+            tokenizer.save_pretrained(export_dir)
+        else:  # the tokenizer is part of the export, so a rerun's overwrite=True replaces it too
             summary.update(pruned_size(model))
-            exported = apt_hf.export_pruned(model, export_dir, overwrite=True)
-        tokenizer.save_pretrained(export_dir)
+            exported = apt_hf.export_pruned(model, export_dir, tokenizer=tokenizer, overwrite=True)
         summary["perplexity"] = response_perplexity(exported, tokenizer, eval_records, data_args.max_seq_length,
                                                     training_args.per_device_eval_batch_size)["perplexity"]
         if method_args.eval_tasks:

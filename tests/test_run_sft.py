@@ -124,6 +124,11 @@ def test_apt_with_pretune_pruning(run_sft, tiny_llama, lima_file, tmp_path):
     first = summary["log_history"][0]
     assert first["apt/pretune_batches"] == 2 and 0.84 <= first["apt/density"] <= 0.85
     assert 0.69 <= summary["density"] <= 0.70 and "generation_speedup" not in summary
+    # a rerun into the same folders replaces the export, tokenizer files included
+    again = run_sft.main(tiny_run(tiny_llama, lima_file, tmp_path, "--method", "apt", "--target_sparsity", "0.3",
+                                  "--pretune_density", "0.85", "--pretune_batches", "2", "--distillation", "False",
+                                  "--speed_new_tokens", "0", "--eval_strategy", "no"))
+    assert again["export_dir"] == summary["export_dir"] and again["density"] == summary["density"]
 
 
 @pytest.mark.parametrize("method", ["lora", "lora_prune"])
