@@ -181,11 +181,14 @@ def plot(results: dict[str, dict[str, Any]], stem: Path) -> None:
     plt.close(fig)
 
 
-def write_table(folder: Path, stem: Path, meta: Optional[dict] = None) -> list[dict[str, Any]]:
+def write_table(folder: Path, stem: Path, meta: dict, keep_meta: bool = False) -> list[dict[str, Any]]:
+    """The table, CSV and plots from the per-method files; ``keep_meta`` keeps the settings an earlier run wrote
+    (``--table_only``), falling back to ``meta`` when there are none."""
     order = ["dense", *METHODS]
     results = {m: json.loads((folder / f"{m}.json").read_text()) for m in order if (folder / f"{m}.json").exists()}
     rows = table_rows(results)
-    meta = meta or (json.loads(Path(f"{stem}.json").read_text()).get("meta") if Path(f"{stem}.json").exists() else {})
+    if keep_meta and Path(f"{stem}.json").exists():
+        meta = json.loads(Path(f"{stem}.json").read_text()).get("meta") or meta
     Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "table": rows}, indent=2))
     keys = list(dict.fromkeys(k for row in rows for k in row))
     with open(f"{stem}.csv", "w", newline="") as f:
@@ -244,7 +247,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"{name}: running ...", flush=True)
             result = run_dense(args, out) if name == "dense" else run_method(name, args, out)
             target.write_text(json.dumps(result, indent=2))
-    for row in write_table(folder, stem, meta if not args.table_only else None):
+    for row in write_table(folder, stem, meta, keep_meta=args.table_only):
         print(row)
 
 

@@ -244,8 +244,8 @@ def llm_table(path: Path) -> str:
     """SmolLM2 on LIMA (``llm_benchmark.py``): Table 3's scores and their average, ratios to LoRA, speed."""
     r = json.loads(path.read_text())
     m = r["meta"]
-    lines = [f"`python benchmarks/llm_benchmark.py` at {m.get('commit') or 'unknown commit'}: {m['train_rows']} LIMA "
-             f"rows x {m['max_length']} tokens, {m['epochs']:g} epoch(s), batch {m['batch_size']}; {m['eval_limit']} "
+    lines = [f"`python benchmarks/llm_benchmark.py` (table written at {m.get('commit') or '?'}): {m['train_rows']} "
+             f"LIMA rows x {m['max_length']} tokens, {m['epochs']:g} epoch(s), batch {m['batch_size']}; {m['eval_limit']} "
              f"examples per task, MMLU {m['mmlu_limit']} per subject; {m.get('threads', '?')} torch thread(s) per "
              "process", "",
              "| method | density | ARC-c acc_norm | HellaSwag acc_norm | MMLU acc | TruthfulQA mc2 | average | / LoRA "
