@@ -224,10 +224,6 @@ def install_mask_hooks(layout: Layout, masks: APTMasks) -> list[torch.utils.hook
             return None
         return _scale_last(output, m)
 
-    for i, site in enumerate(layout.attentions):
-        handles.append(site.o.register_forward_pre_hook(head_hook(i, site.head_dim)))
-    for i, site in enumerate(layout.ffns):
-        handles.append(site.down.register_forward_pre_hook(neuron_hook(i)))
     def hidden_kwarg_hook(keyword: str) -> Callable:
         def hook(module, args, kwargs):
             m, x = masks.hidden, kwargs.get(keyword)
@@ -236,6 +232,10 @@ def install_mask_hooks(layout: Layout, masks: APTMasks) -> list[torch.utils.hook
             return args, {**kwargs, keyword: _scale_last(x, m)}
         return hook
 
+    for i, site in enumerate(layout.attentions):
+        handles.append(site.o.register_forward_pre_hook(head_hook(i, site.head_dim)))
+    for i, site in enumerate(layout.ffns):
+        handles.append(site.down.register_forward_pre_hook(neuron_hook(i)))
     for module in layout.hidden_writers + layout.embedding_outputs:
         handles.append(module.register_forward_hook(hidden_out_hook))
     for module, keyword in layout.hidden_kwargs:
