@@ -43,6 +43,10 @@ METHODS: dict[str, list[str]] = {
     "apt_wo_AP": ["--method", "apt", "--adaptive_pruning", "False", "--distillation", "False"],
     "apt_wo_AT": ["--method", "apt", "--adaptive_tuning", "False"],
     "apt_wo_DS": ["--method", "apt", "--distillation", "False"],
+    # APT with the recovery after distillation pinned to a peak learning-rate factor (spec F.2; issue 13's selection
+    # of the default): the paper's 0.1 and the full rate
+    "apt_recovery_lr01": ["--method", "apt", "--distillation", "True", "--post_distill_lr_ratio", "0.1"],
+    "apt_recovery_lr1": ["--method", "apt", "--distillation", "True", "--post_distill_lr_ratio", "1.0"],
 }
 
 
