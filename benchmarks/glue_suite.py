@@ -55,13 +55,6 @@ TASKS: dict[str, dict] = {
 }
 TRAIN_ROWS = {"sst2": 67349, "mrpc": 3668, "rte": 2490, "stsb": 5749, "cola": 8551}
 
-# --estimate: FT's seconds per optimizer step are a line through the committed SST-2 and MRPC runs (their random
-# batches average 40.1 and 80.1 padded tokens), every method's step time relative to FT is the mean over the same
-# two files, plus a per-run overhead for loading, evaluations, export and throughput timing (their process wall
-# time minus training time, averaged).
-CALIBRATION = {"glue_sst2.json": 40.1, "glue_mrpc.json": 80.1}
-
-
 def planned_runs(tasks: list[str], seeds: tuple[int, ...] = SEEDS) -> list[tuple[str, int, str]]:
     """(task, seed, method) in the order they run: per task, per seed, FT first (the others are scored against it)."""
     return [(task, seed, method) for task in tasks for seed in seeds
@@ -74,38 +67,72 @@ def steps_of(task: str, plan: dict, batch_size: int) -> int:
     return int(-(-rows // batch_size) * plan["epochs"])
 
 
-def calibration() -> tuple[float, float, dict[str, float], float]:
-    """(fixed s/step, s/step per padded token, step time per method relative to FT, overhead s per run) from the
-    committed benchmark files named in CALIBRATION."""
-    points, factors, overheads = [], {}, []
-    for name, tokens in CALIBRATION.items():
-        runs = json.loads((gb.RESULTS / name).read_text())["runs"]
-        per_step = {m: r["train_time_s"] / r["optimizer_steps"] for m, r in runs.items()}
-        points.append((tokens, per_step["ft"]))
-        for m, v in per_step.items():
-            factors.setdefault(m, []).append(v / per_step["ft"])
-        overheads += [r["process_wall_s"] - r["train_time_s"] for r in runs.values()]
-    (x0, y0), (x1, y1) = points
-    slope = (y1 - y0) / (x1 - x0)
-    return y0 - slope * x0, slope, {m: sum(v) / len(v) for m, v in factors.items()}, sum(overheads) / len(overheads)
+# --estimate is calibrated on the suite's own finished runs (one torch thread per process, the suite's flags): a
+# task's FT seconds per optimizer step where its FT run exists, otherwise a line through the measured tasks' FT step
+# times against their mean padded batch length; every method's step time relative to FT at the same (task, seed);
+# the per-run overhead (loading, evaluations, export, throughput timing) as process wall time minus training time.
+# Before two tasks' FT runs exist it falls back to the short committed benchmark files in CALIBRATION (their random
+# batches average 40.1 and 80.1 padded tokens); those ran without a thread limit, so they underestimate a suite run.
+CALIBRATION = {"glue_sst2.json": 40.1, "glue_mrpc.json": 80.1}
+
+
+def _suite_runs() -> dict[tuple[str, int], dict[str, dict]]:
+    """The finished suite runs: (task, seed) -> method -> run summary."""
+    found: dict[tuple[str, int], dict[str, dict]] = {}
+    for path in sorted(SUITE.glob("*/*_seed*.json")):
+        method, seed = path.stem.rsplit("_seed", 1)
+        found.setdefault((path.parent.name, int(seed)), {})[method] = json.loads(path.read_text())["run"]
+    return found
+
+
+def calibration() -> tuple[dict[str, float], dict[str, float], float, str]:
+    """(FT s/step per task, step time per method relative to FT, overhead s per run, source of the figures)."""
+    per_step = lambda run: run["train_time_s"] / run["optimizer_steps"]  # noqa: E731
+
+    def collect(groups) -> tuple[dict, dict, list]:
+        ft, factors, overheads = {}, {}, []
+        for key, runs in groups:
+            if "ft" not in runs:
+                continue
+            ft.setdefault(key, []).append(per_step(runs["ft"]))
+            for method, run in runs.items():
+                factors.setdefault(method, []).append(per_step(run) / per_step(runs["ft"]))
+                overheads.append(run["process_wall_s"] - run["train_time_s"])
+        return {k: sum(v) / len(v) for k, v in ft.items()}, {m: sum(v) / len(v) for m, v in factors.items()}, overheads
+
+    short = [(CALIBRATION[name], json.loads((gb.RESULTS / name).read_text())["runs"]) for name in CALIBRATION]
+    short_ft, factors, overheads = collect(short)
+    suite_ft, suite_factors, suite_overheads = collect(
+        (task, runs) for (task, _), runs in _suite_runs().items() if task in TASKS)
+    factors.update(suite_factors)  # methods the suite has not run yet keep the short benchmark's ratio
+    if len(suite_ft) >= 2:
+        source = "the suite's finished runs (FT measured on " + ", ".join(sorted(suite_ft)) + ")"
+        points = sorted((TASKS[t]["batch_tokens"], v) for t, v in suite_ft.items())
+        overheads = suite_overheads
+    else:
+        source = "the short benchmark files " + ", ".join(CALIBRATION) + " (no thread limit: an underestimate)"
+        points, suite_ft = sorted(short_ft.items()), {}
+    (x0, y0), (x1, y1) = points[0], points[-1]  # the line through the shortest and longest measured batches
+    slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
+    ft = {t: suite_ft.get(t, y0 + slope * (plan["batch_tokens"] - x0)) for t, plan in TASKS.items()}
+    return ft, factors, sum(overheads) / len(overheads), source
 
 
 def estimate(tasks: list[str], batch_size: int) -> str:
-    fixed, per_token, factor, overhead = calibration()
-    lines = [f"FT s/step = {fixed:.3f} + {per_token:.4f} x padded tokens; step time / FT: "
-             + ", ".join(f"{m} {v:.2f}" for m, v in factor.items()) + f"; overhead {overhead:.0f} s per run", "",
-             "| task | rows x epochs | steps | FT s/step (est.) | runs | est. CPU time (h) |",
-             "|---|---|---|---|---|---|"]
+    ft, factor, overhead, source = calibration()
+    fallback = factor.get("apt", 1.0)  # a method not measured yet: APT's step time
+    lines = [f"calibrated on {source}; step time / FT: " + ", ".join(f"{m} {v:.2f}" for m, v in factor.items())
+             + f"; overhead {overhead:.0f} s per run", "",
+             "| task | rows x epochs | steps | FT s/step | runs | est. CPU time (h) |", "|---|---|---|---|---|---|"]
     total = 0.0
     for task in tasks:
         plan = TASKS[task]
         steps = steps_of(task, plan, batch_size)
-        per_step = fixed + per_token * plan["batch_tokens"]
         runs = [m for t, _, m in planned_runs([task])]
-        seconds = sum(steps * per_step * factor.get(m, factor["apt"]) + overhead for m in runs)
+        seconds = sum(steps * ft[task] * factor.get(m, fallback) + overhead for m in runs)
         total += seconds
         lines.append(f"| {task} | {plan['train_rows'] or TRAIN_ROWS[task]} x {plan['epochs']:g} | {steps} | "
-                     f"{per_step:.2f} | {len(runs)} | {seconds / 3600:.2f} |")
+                     f"{ft[task]:.2f} | {len(runs)} | {seconds / 3600:.2f} |")
     lines.append(f"| all | | | | {len(planned_runs(tasks))} | {total / 3600:.2f} |")
     return "\n".join(lines)
 

@@ -207,7 +207,8 @@ class Stepper:
         params = [p for p in model.parameters() if p.requires_grad]
         fused = self.device.type in ("cuda", "cpu")
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused)
-        self.args = TrainingArguments(tempfile.mkdtemp(prefix="apt_bench_"), report_to=[], save_strategy="no",
+        self._scratch = tempfile.TemporaryDirectory(prefix="apt_bench_")  # removed with this object
+        self.args = TrainingArguments(self._scratch.name, report_to=[], save_strategy="no",
                                       use_cpu=self.device.type == "cpu", disable_tqdm=True)
         self.state = TrainerState(max_steps=max_steps)
         self.control = TrainerControl()

@@ -54,6 +54,30 @@ def test_estimate_names_every_task():
     assert all(f"| {t} |" in text for t in suite.TASKS) and "| all |" in text
 
 
+def test_estimate_calibrates_on_the_suites_own_runs(suite):
+    def write(task, method, seconds_per_step, overhead=100.0):
+        run = {"train_time_s": 100 * seconds_per_step, "optimizer_steps": 100,
+               "process_wall_s": 100 * seconds_per_step + overhead}
+        path = suite.result_path(task, method, 42)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"meta": {}, "run": run}))
+
+    for name in suite.CALIBRATION:  # the fallback: the committed short benchmark files
+        (suite.gb.RESULTS / name).write_text((ROOT / "benchmarks" / "results" / name).read_text())
+    write("sst2", "ft", 0.5)
+    ft, _, _, source = suite.calibration()
+    assert "short benchmark" in source  # one task measured: not enough for a line
+    write("mrpc", "ft", 2.0)
+    write("mrpc", "apt", 1.2)
+    ft, factor, overhead, source = suite.calibration()
+    assert "suite" in source and ft["sst2"] == 0.5 and ft["mrpc"] == 2.0 and overhead == 100.0
+    tokens = {t: plan["batch_tokens"] for t, plan in suite.TASKS.items()}
+    slope = 1.5 / (tokens["mrpc"] - tokens["sst2"])
+    assert ft["rte"] == pytest.approx(0.5 + slope * (tokens["rte"] - tokens["sst2"]))
+    assert factor["apt"] == pytest.approx(0.6) and "lora" in factor  # unmeasured: the short benchmark's ratio
+    assert "FT measured on mrpc, sst2" in suite.estimate(["rte"], 32)
+
+
 def test_resumes_by_skipping_finished_runs(suite, tmp_path, monkeypatch):
     done = suite.result_path("mrpc", "ft", 42)
     done.parent.mkdir(parents=True)
