@@ -264,6 +264,11 @@ def test_paper_preset_reproduces_the_reference_schedule() -> None:
     assert (plan.distill_start, plan.distill_end) == (2647, 2647 + 20 * E)
     by_fraction = APTConfig.paper_preset().resolve_schedule(40 * E)  # fractions of a 40-epoch run
     assert list(by_fraction.events) == EVENTS and abs(by_fraction.distill_end - plan.distill_end) <= 0.01 * 40 * E
+    # spec F.2's recovery at 0.1x the learning rate; the default for other runs is the full rate (chosen on SST-2 and
+    # MRPC, README "The paper-shaped GLUE benchmark")
+    assert cfg.post_distill_lr_ratio == APTConfig.paper_preset().post_distill_lr_ratio == 0.1
+    assert APTConfig().post_distill_lr_ratio == 1.0
+    assert APTConfig.paper_preset(post_distill_lr_ratio=0.5).post_distill_lr_ratio == 0.5
     fewer = APTConfig.paper_preset(num_pruning_events=4, steps_per_epoch=E)  # overrides shape the distillation too
     first = fewer.resolve_schedule(40 * E).first_real_event
     assert fewer.num_pruning_events == 4 and first == 3257 and fewer.distill_end == first + 1 + 20 * E
