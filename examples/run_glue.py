@@ -50,7 +50,7 @@ Self-distillation is on by default, as in ``APTConfig``: from the first event to
 fine-tuned with the task loss on a fresh schedule peaking at ``--post_distill_lr_ratio`` x the learning rate. While
 distilling, pruned blocks are only zero-masked and are removed physically at the next teacher refresh and at
 ``--distill_end``, so the teacher keeps the structure it was snapshotted with. ``--distillation False`` is the
-paper's "w/o D_S" ablation, the better choice in short runs (README, Results).
+paper's "w/o D_S" ablation, often the better choice in runs of a few hundred steps (README, Results).
 
 Without ``--learning_rate``, APT and LoRA use 5e-4 (adapters and the task head) and full fine-tuning 5e-5.
 """
