@@ -62,9 +62,14 @@ def planned_runs(tasks: list[str], seeds: tuple[int, ...] = SEEDS) -> list[tuple
             + (SELECTION if seed == ABLATION_SEED and task in SELECTION_TASKS else ())]
 
 
+def train_rows_of(task: str) -> int:
+    """Training rows of a task's runs (the whole training set when its plan names none)."""
+    plan = TASKS[task]
+    return TRAIN_ROWS[task] if plan["train_rows"] is None else min(plan["train_rows"], TRAIN_ROWS[task])
+
+
 def steps_of(task: str, plan: dict, batch_size: int) -> int:
-    rows = TRAIN_ROWS[task] if plan["train_rows"] is None else min(plan["train_rows"], TRAIN_ROWS[task])
-    return int(-(-rows // batch_size) * plan["epochs"])
+    return int(-(-train_rows_of(task) // batch_size) * plan["epochs"])
 
 
 # --estimate is calibrated on the suite's own finished runs (one torch thread per process, the suite's flags): a
@@ -173,7 +178,8 @@ def write_table(task: str, seed: int, args: argparse.Namespace) -> None:
     if "ft" not in runs:
         return
     meta = {"task": task, "command": shlex.join(["python", "benchmarks/glue_suite.py", *sys.argv[1:]]),
-            "args": {**vars(run_args(task, seed, args)), "suite": True}, "device": "CPU, 2 cores (shared machine)",
+            "args": {**vars(run_args(task, seed, args)), "train_rows": train_rows_of(task), "suite": True},
+            "device": "CPU, 2 cores (shared machine)",
             "metric": runs["ft"]["metric"], "majority_share": majority_share(task, args.glue_dir)}
     gb.save(gb.RESULTS / f"glue_{task}_suite_seed{seed}", meta, runs)
 
