@@ -40,6 +40,7 @@ ABLATION_SEED = 42
 # recovery learning rate pinned to each candidate, so that the default is chosen on evidence from these two tasks.
 SELECTION_TASKS = ("sst2", "mrpc")
 SELECTION = ("apt_recovery_lr01", "apt_recovery_lr1")
+ALL_METHODS = MAIN_METHODS + ABLATIONS + SELECTION
 COMMON_FLAGS = "--train_sampling_strategy group_by_length"
 
 # Per task: training rows (None: the whole training set), epochs, max tokens, evaluation interval (optimizer steps,
@@ -136,7 +137,7 @@ def estimate(tasks: list[str], batch_size: int) -> str:
         runs = [m for t, _, m in planned_runs([task])]
         seconds = sum(steps * ft[task] * factor.get(m, fallback) + overhead for m in runs)
         total += seconds
-        lines.append(f"| {task} | {plan['train_rows'] or TRAIN_ROWS[task]} x {plan['epochs']:g} | {steps} | "
+        lines.append(f"| {task} | {train_rows_of(task)} x {plan['epochs']:g} | {steps} | "
                      f"{ft[task]:.2f} | {len(runs)} | {seconds / 3600:.2f} |")
     lines.append(f"| all | | | | {len(planned_runs(tasks))} | {total / 3600:.2f} |")
     return "\n".join(lines)
@@ -171,7 +172,7 @@ def majority_share(task: str, glue_dir: str) -> float | None:
 def write_table(task: str, seed: int, args: argparse.Namespace) -> None:
     """The per-(task, seed) table in glue_benchmark's format, from the result files present."""
     runs = {}
-    for method in MAIN_METHODS + ABLATIONS + SELECTION:
+    for method in ALL_METHODS:
         path = result_path(task, method, seed)
         if path.exists():
             runs[method] = json.loads(path.read_text())["run"]
@@ -206,9 +207,8 @@ def main() -> None:
         p.error(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
     seeds = tuple(int(s) for s in args.seeds.split(","))
     methods = None if args.methods is None else set(args.methods.split(","))
-    known = MAIN_METHODS + ABLATIONS + SELECTION
-    if methods is not None and methods - set(known):
-        p.error(f"unknown method(s) {sorted(methods - set(known))}; choose from {list(known)}")
+    if methods is not None and methods - set(ALL_METHODS):
+        p.error(f"unknown method(s) {sorted(methods - set(ALL_METHODS))}; choose from {list(ALL_METHODS)}")
     if args.estimate:
         print(estimate(tasks, args.batch_size))
         return
