@@ -11,6 +11,7 @@ again (rerun after an interruption to finish the rest). ``--table`` prints the M
 
     python benchmarks/distill_diagnosis.py --variant paper                                  # SST-2, benchmark setting
     python benchmarks/distill_diagnosis.py --variant no_layer --set distill_layer_weight=0
+    python benchmarks/distill_diagnosis.py --variant mu_half --set distill_mu_max=0.5      # mu's ramp capped
     python benchmarks/distill_diagnosis.py --task mrpc --train_rows 3668 --epochs 3 --max_length 128 --variant paper
     python benchmarks/distill_diagnosis.py --table
 """
@@ -132,9 +133,6 @@ def run(args: argparse.Namespace) -> Path:
     spec = run_glue.get_task_spec(args.task)
     probes: list[TeacherProbe] = []
     apt_hf.APTTrainer = instrumented_trainer(spec.name, spec.main_metric, probes)  # this process only
-    if args.mu_max < 1.0:  # ablation of mu's ramp: capped, so the task loss keeps weight (1 - mu_max)
-        ramp = apt_hf.trainer.distill_mu
-        apt_hf.trainer.distill_mu = lambda step, **kw: min(args.mu_max, ramp(step, **kw))
     work = ROOT / "runs" / "distill_diagnosis" / path.stem
     argv = ["--task_name", args.task, "--glue_dir", args.glue_dir, "--method", "apt",
             "--max_train_samples", str(args.train_rows),
@@ -152,7 +150,6 @@ def run(args: argparse.Namespace) -> Path:
     result = {
         "meta": {"command": shlex.join(["python", "benchmarks/distill_diagnosis.py", *sys.argv[1:]]),
                  "task": args.task, "variant": args.variant, "seed": args.seed, "overrides": overrides,
-                 "mu_max": args.mu_max,
                  "run_glue_args": args.run_glue_args, "argv": argv, "wall_s": time.perf_counter() - start},
         "best_after_last_event": max(final), "final": summary["metric_value"], "metric": spec.main_metric,
         "final_accuracy": summary["eval_metrics"].get("eval_accuracy"), "density": summary["density"],
@@ -196,7 +193,6 @@ def main() -> None:
     p.add_argument("--max_length", type=int, default=64)
     p.add_argument("--eval_steps", type=int, default=50)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="APTConfig field override.")
-    p.add_argument("--mu_max", type=float, default=1.0, help="Cap of the distillation weight mu (ablation).")
     p.add_argument("--run_glue_args", default="", help="Extra run_glue.py flags, e.g. \"--distill_end 0.85\".")
     p.add_argument("--table", action="store_true", help="Print the summary table of all result files and exit.")
     args = p.parse_args()

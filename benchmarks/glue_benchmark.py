@@ -47,6 +47,9 @@ METHODS: dict[str, list[str]] = {
     # of the default): the paper's 0.1 and the full rate
     "apt_recovery_lr01": ["--method", "apt", "--distillation", "True", "--post_distill_lr_ratio", "0.1"],
     "apt_recovery_lr1": ["--method", "apt", "--distillation", "True", "--post_distill_lr_ratio", "1.0"],
+    # APT with mu's ramp capped at 0.5, so the task loss keeps half the weight while distilling (issue 13's
+    # diagnosis, first cause; a candidate for the default of APTConfig.distill_mu_max)
+    "apt_mu_half": ["--method", "apt", "--distillation", "True", "--distill_mu_max", "0.5"],
 }
 
 

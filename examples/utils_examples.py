@@ -83,6 +83,8 @@ class APTArguments:
     distill_end: Optional[str] = _apt_field("distill_end", "Step or fraction at which distillation ends; None: "
                                                            "with the pruning window (pruning_end)")
     distill_layer_weight: Optional[float] = _apt_field("distill_layer_weight", "a_layer, weight of the layer loss")
+    distill_mu_max: Optional[float] = _apt_field("distill_mu_max", "Cap of the distillation weight mu; the task "
+                                                                 "loss keeps weight 1 - mu (paper: 1.0)")
     post_distill_lr_ratio: Optional[float] = _apt_field("post_distill_lr_ratio", "Peak learning-rate factor of the "
                                                                                  "fresh schedule after distillation")
 

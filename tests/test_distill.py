@@ -652,6 +652,20 @@ def test_mu_is_averaged_over_the_logging_window(tmp_path):
     assert len(distill) >= 6 and all(b >= a for a, b in zip(distill, distill[1:]))
 
 
+def test_mu_cap_keeps_the_task_loss_in_the_objective(tmp_path):
+    """APTConfig.distill_mu_max (beyond spec F.3): mu follows the pruning-window ramp up to the cap and stays there,
+    and the logged loss keeps (1 - cap) of the task loss after the window."""
+    tr, _, _ = train("bert", tmp_path, distill_mu_max=0.5)
+    distill = [h for h in train_logs(tr) if "apt/mu" in h]
+    assert [h["step"] for h in distill] == list(range(DISTILL_START, DISTILL_END))
+    for h in distill:
+        ramp = distill_mu(h["step"], start=SCHEDULE["pruning_start"], end=SCHEDULE["pruning_end"])
+        assert h["apt/mu"] == pytest.approx(min(0.5, ramp), abs=1e-9)
+        want = h["apt/mu"] * (RUNS["bert"][3] * h["loss_pred"] + 0.9 * h["loss_layer"]) + (1 - h["apt/mu"]) * h["loss_task"]
+        assert h["loss"] == pytest.approx(want, rel=1e-5, abs=1e-7), h
+    assert any(h["apt/mu"] < 0.5 for h in distill) and distill[-1]["apt/mu"] == 0.5
+
+
 class EvaluateAt(TrainerCallback):
     """Ask for an evaluation at the given steps and record the model's logits on a fixed batch at each evaluation
     (added before the APT callbacks, so it sees the model before any reload) and at the start of each step."""

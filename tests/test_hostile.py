@@ -214,13 +214,13 @@ def test_adapter_budget_hostile(step, start, end, initial, ratio):
 
 
 @FAST
-@given(INTS, INTS, INTS, st.integers(-3, 50), INTS)
-def test_distill_mu_and_window_hostile(step, start, end, window, prev):
+@given(INTS, INTS, INTS, st.integers(-3, 50), INTS, st.one_of(st.floats(-2, 2), st.just(float("nan"))))
+def test_distill_mu_and_window_hostile(step, start, end, window, prev, cap):
     try:
-        mu = distill_mu(step, start=start, end=end)
-        assert 0.0 <= mu <= 1.0
+        mu = distill_mu(step, start=start, end=end, cap=cap)
+        assert 0.0 <= mu <= cap <= 1.0
     except ValueError:
-        assert start < 0 or end <= start
+        assert start < 0 or end <= start or not 0 < cap <= 1
     previous = prev if prev < end else None
     try:
         w = decay_window_start(end, previous, window, start)
@@ -277,6 +277,7 @@ BAD_VALUES = {
     "distill_layer_weight": st.one_of(st.floats(-1e9, -1e-9), REAL_BAD),
     "distill_num_layers": st.one_of(st.integers(-BIG, 0), INT_FIELD_BAD),
     "transform_rank": st.one_of(st.integers(-BIG, 0), INT_FIELD_BAD),
+    "distill_mu_max": st.one_of(st.floats(-1e9, 0), st.floats(1.0001, 1e9), REAL_BAD),
     "post_distill_lr_ratio": st.one_of(st.floats(-1e9, 0), st.floats(1.0001, 1e9), REAL_BAD),
     "pretune_density": st.one_of(st.floats(-1e9, 0.3999), st.floats(1.0001, 1e9), REAL_BAD),  # default sparsity 0.6
     "pretune_batches": st.one_of(st.integers(-BIG, 0), INT_FIELD_BAD),
@@ -323,6 +324,7 @@ def valid_configs(draw):
         distill_pred_weight=draw(st.one_of(st.none(), st.floats(0, 10))),
         distill_layer_weight=draw(st.floats(0, 10)), distill_num_layers=draw(st.integers(1, 12)),
         transform_rank=draw(st.integers(1, 64)), post_distill_lr_ratio=draw(st.floats(1e-6, 1)),
+        distill_mu_max=draw(st.floats(1e-6, 1)),
     )
 
 

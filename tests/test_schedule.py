@@ -139,6 +139,17 @@ def test_distill_mu() -> None:
         distill_mu(0, start=10, end=3)
 
 
+def test_distill_mu_cap() -> None:
+    """APTConfig.distill_mu_max: the same ramp, held at the cap, so the task loss keeps weight 1 - cap."""
+    ramp = [distill_mu(t, start=START, end=END) for t in (0, 1000, 3257, 5000, END, 44_747)]
+    capped = [distill_mu(t, start=START, end=END, cap=0.5) for t in (0, 1000, 3257, 5000, END, 44_747)]
+    assert capped == [min(0.5, m) for m in ramp]
+    assert capped[1] == ramp[1] < 0.5 and capped[-2:] == [0.5, 0.5]
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="cap"):
+            distill_mu(1000, start=START, end=END, cap=bad)
+
+
 def test_post_distill_lr_factor() -> None:
     # spec F.2 for SST-2: distillation ends at epoch 20, training at epoch 40 -> 42100 post steps, 2526 of warm-up
     end, total = 20 * E, 40 * E

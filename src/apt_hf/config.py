@@ -33,7 +33,8 @@ _INT_FIELDS = ("r", "num_pruning_events", "mask_decay_window", "max_rank", "dist
                "pretune_batches")
 _REAL_FIELDS = ("lora_alpha", "lora_dropout", "target_sparsity", "pruning_start", "pruning_end", "sparsity_warmup",
                 "mask_decay", "salience_beta", "tuning_budget_ratio", "distill_end", "distill_temperature",
-                "distill_pred_weight", "distill_layer_weight", "post_distill_lr_ratio", "pretune_density")
+                "distill_pred_weight", "distill_layer_weight", "distill_mu_max", "post_distill_lr_ratio",
+                "pretune_density")
 _OPTIONAL_FIELDS = ("mask_decay_window", "distill_end", "distill_pred_weight")  # None = derived from other fields
 
 # The paper's schedule (spec D.2, D.3, F.2, H.1, H.2: RoBERTa/T5 GLUE scripts, 40 epochs): window from step 200 to
@@ -107,6 +108,10 @@ class APTConfig(PeftConfig):
             (0.1 x 10 in the reference), 0.1 for seq2seq and causal LM (KL per target token).
         distill_layer_weight: ``a_layer`` (spec F.3: 0.9).
         distill_num_layers: teacher layers drawn each step, one from each contiguous block (spec F.3: 4).
+        distill_mu_max: cap of the distillation weight ``mu`` (spec F.3 ramps it to 1, so the task loss's weight
+            ``1 - mu`` reaches 0 at the end of the pruning window). Beyond the spec: a cap below 1 keeps the task loss
+            in the student's objective for the whole distillation phase. Default 1.0 (the paper); a smaller value is
+            a candidate against the first cause of the diagnosis in the README (issue 13), not yet chosen by evidence.
         transform_rank: LoRA rank of the layer transformation ``Tr`` (identity + LoRA, spec F.4: 8).
         post_distill_lr_ratio: peak learning-rate factor of the task-loss fine-tuning after distillation, which gets
             a fresh schedule: 6 % warm-up, then linear decay to the end of training. Spec F.2 uses 0.1 after a
@@ -158,6 +163,7 @@ class APTConfig(PeftConfig):
     distill_pred_weight: Optional[float] = field(default=None, metadata={"help": "a_pred; None = per task."})
     distill_layer_weight: float = field(default=0.9, metadata={"help": "a_layer (spec F.3)."})
     distill_num_layers: int = field(default=4, metadata={"help": "Teacher layers drawn per step, one per block."})
+    distill_mu_max: float = field(default=1.0, metadata={"help": "Cap of the distillation weight mu (spec F.3: 1)."})
     transform_rank: int = field(default=8, metadata={"help": "Rank of the layer transformation Tr's LoRA."})
     post_distill_lr_ratio: float = field(default=1.0, metadata={"help": "LR factor after distillation (F.2: 0.1)."})
     teacher_refresh: str = field(default="window", metadata={"help": "When the teacher is refreshed: window (spec "
@@ -222,6 +228,8 @@ class APTConfig(PeftConfig):
         for name in ("distill_num_layers", "transform_rank"):
             if getattr(self, name) < 1:
                 raise bad(name, getattr(self, name), "use a positive integer")
+        if not 0.0 < self.distill_mu_max <= 1.0:
+            raise bad("distill_mu_max", self.distill_mu_max, "use a cap in (0, 1]; 1.0 is the paper's ramp")
         if not 0.0 < self.post_distill_lr_ratio <= 1.0:
             raise bad("post_distill_lr_ratio", self.post_distill_lr_ratio, "use a factor in (0, 1]")
         if self.distill_end is not None and (self.distill_end < 0 or (

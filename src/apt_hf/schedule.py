@@ -139,17 +139,19 @@ def adapter_budget(step: int, *, start: int, end: int, initial: int, ratio: floa
     return math.floor(value)
 
 
-def distill_mu(step: int, *, start: int, end: int) -> float:
-    """Distillation weight ``mu = min(1, max(0, (t - t_s) / (t_e - t_s)))`` (spec F.3).
+def distill_mu(step: int, *, start: int, end: int, cap: float = 1.0) -> float:
+    """Distillation weight ``mu = min(cap, max(0, (t - t_s) / (t_e - t_s)))`` (spec F.3, where ``cap`` is 1).
 
     The total loss is ``mu * L_distill + (1 - mu) * L_task``; ``mu`` rises linearly over the
-    pruning window and stays at 1 afterwards.
+    pruning window and stays at ``cap`` afterwards (``APTConfig.distill_mu_max``).
 
     Raises:
-        ValueError: if ``start < 0`` or ``end <= start``.
+        ValueError: if ``start < 0``, ``end <= start`` or ``cap`` is not in (0, 1].
     """
     _check_window(start, end)
-    return min(1.0, max(0.0, (step - start) / (end - start)))
+    if not 0.0 < cap <= 1.0:
+        raise ValueError(f"cap must be in (0, 1] (got {cap}); 1.0 is the paper's ramp.")
+    return min(cap, max(0.0, (step - start) / (end - start)))
 
 
 def post_distill_lr_factor(step: int, *, end: int, total: int, warmup_ratio: float = 0.06) -> float:

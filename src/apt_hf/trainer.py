@@ -365,7 +365,7 @@ class APTTrainer(Trainer):
         pred, layer = self._distill_losses(student, teacher, inputs, apt, cfg)
         a_pred = cfg.distill_pred_weight if cfg.distill_pred_weight is not None else default_pred_weight(
             cfg.task_type)
-        mu = distill_mu(step, start=plan.start, end=plan.end)
+        mu = distill_mu(step, start=plan.start, end=plan.end, cap=cfg.distill_mu_max)
         loss = mu * (a_pred * pred + cfg.distill_layer_weight * layer) + (1 - mu) * task
         for key, value in (("apt/mu", mu), ("loss_task", task), ("loss_pred", pred), ("loss_layer", layer)):
             self._distill_logs.setdefault(key, []).append(float(value.detach() if torch.is_tensor(value) else value))
