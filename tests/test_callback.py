@@ -799,6 +799,43 @@ def test_event_on_stale_salience_is_flagged(tmp_path, caplog):
     assert cb.salience_step == 15
 
 
+def test_constant_dev_metric():
+    history = [{"loss": 0.7, "step": 1}, {"eval_mcc": 0.0, "step": 4}, {"eval_mcc": 0.0, "step": 8}]
+    assert apt_hf.callback.constant_dev_metric(history, "mcc") == (0.0, 2)
+    assert apt_hf.callback.constant_dev_metric(history, "eval_mcc") == (0.0, 2)
+    assert apt_hf.callback.constant_dev_metric(history[:2], "mcc") is None  # one evaluation says nothing yet
+    assert apt_hf.callback.constant_dev_metric([*history, {"eval_mcc": 0.05}], "mcc") is None
+    assert apt_hf.callback.constant_dev_metric(history, None) is None
+    assert apt_hf.callback.constant_dev_metric(history, "accuracy") is None
+
+
+@pytest.mark.parametrize("moving", [False, True])
+def test_first_event_on_a_model_that_has_not_learned_is_flagged(tmp_path, caplog, moving):
+    """A dev metric stuck at one value (a constant predictor) at the first real pruning event gets a warning that
+    names the fix; a metric that moves does not."""
+    evaluations = []
+
+    def metrics(_):
+        evaluations.append(None)
+        return {"score": 0.5 + (0.01 * len(evaluations) if moving else 0.0)}
+
+    cb = APTCallback()
+    args = make_args(tmp_path, eval_strategy="steps", eval_steps=4, metric_for_best_model="score")
+    tr = Trainer(model=apt_model("bert"), args=args, train_dataset=TokenTask(),
+                 eval_dataset=torch.utils.data.Subset(TokenTask(), range(16)), compute_metrics=metrics,
+                 callbacks=[cb])
+    with caplog.at_level(logging.WARNING, logger="apt_hf.callback"):
+        tr.train()
+    first = cb.plan.first_real_event
+    flagged = [r.getMessage() for r in caplog.records if "first pruning event" in r.getMessage()]
+    if moving:
+        assert flagged == []
+    else:
+        assert len(flagged) == 1 and f"(step {first})" in flagged[0]
+        assert f"score has been 0.5 at all {(first - 1) // 4} evaluations" in flagged[0]
+        assert "pruning_start" in flagged[0]
+
+
 # ================================================================================================ 7. errors
 @pytest.mark.parametrize("wrap", ["plain", "lora"])
 def test_callback_without_apt_adapters(wrap, tmp_path):

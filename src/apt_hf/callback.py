@@ -44,6 +44,19 @@ from .search import fill_budget, search_kept, swap_to_budget
 from .tuning import adapter_size, grow_ranks, live_widths, plan_rank_growth
 
 logger = logging.getLogger(__name__)
+
+
+def constant_dev_metric(log_history: list[dict], metric: Optional[str]) -> Optional[tuple[float, int]]:
+    """``(value, evaluations)`` when ``metric`` (``TrainingArguments.metric_for_best_model``) has had exactly the same
+    value at every evaluation in ``log_history``, two or more: the mark of a model that still predicts one class
+    (a constant accuracy, F1 or Matthews correlation). ``None`` otherwise, or without a metric."""
+    if not metric:
+        return None
+    key = metric if metric.startswith("eval_") else f"eval_{metric}"
+    values = [h[key] for h in log_history if key in h]
+    if len(values) < 2 or any(v != values[0] for v in values):
+        return None
+    return values[0], len(values)
 STATE_NAME = "pruning"  # this callback's entry in the checkpoint's APT training state (apt_hf.checkpoint)
 
 
@@ -255,9 +268,22 @@ class APTCallback(TrainerCallback):
         if prune_now and self.plan.windows[k] <= step < event:
             self._move_masks(target, hard=False)
         if step == event:
+            if prune_now and event == self.plan.first_real_event:
+                self._warn_if_untrained(event, state.log_history, args.metric_for_best_model)
             self._event(k, target, optimizer, prune_now)
             control.should_log = True
         return control
+
+    @staticmethod
+    def _warn_if_untrained(event: int, log_history: list[dict], metric: Optional[str]) -> None:
+        """Warn when the first pruning event comes while the dev metric has not moved yet (beyond spec D)."""
+        constant = constant_dev_metric(log_history, metric)
+        if constant is not None:
+            logger.warning(
+                "APT's first pruning event (step %d) comes while the dev metric %s has been %g at all %d evaluations "
+                "so far: the model may still predict a constant, and salience measured now does not reflect the task "
+                "(it can end as a constant model). Start pruning later (APTConfig.pruning_start / sparsity_warmup) "
+                "or train longer.", event, metric, constant[0], constant[1])
 
     @contextlib.contextmanager
     def salience_paused(self) -> Iterator[None]:
