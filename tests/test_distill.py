@@ -37,7 +37,8 @@ T = 2.0 / 3.0
 
 # ================================================================================================ helpers
 class TokenData(torch.utils.data.Dataset):
-    """``cls``: label = first token > 50; ``lm``: labels = input_ids; ``s2s``: decoder targets = reversed input."""
+    """``cls``: label = first token > 50; ``reg``: a float score from the first token; ``lm``: labels = input_ids;
+    ``s2s``: decoder targets = reversed input."""
 
     def __init__(self, kind: str, n: int = 128, seq_len: int = 8, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
@@ -52,6 +53,8 @@ class TokenData(torch.utils.data.Dataset):
         item = {"input_ids": x, "attention_mask": torch.ones_like(x)}
         if self.kind == "cls":
             item["labels"] = (x[0] > 50).long()
+        elif self.kind == "reg":
+            item["labels"] = x[0].float() / 20.0  # a score in [0.15, 5], as STS-B's
         elif self.kind == "lm":
             item["labels"] = x.clone()
         else:
@@ -73,6 +76,8 @@ def tiny_t5() -> transformers.T5ForConditionalGeneration:
 RUNS = {
     "bert": (lambda: make_model("bert", num_labels=2, num_attention_heads=8, intermediate_size=96), "SEQ_CLS", "cls",
              1.0),
+    "bert_regression": (lambda: make_model("bert", num_labels=1, num_attention_heads=8, intermediate_size=96),
+                        "SEQ_CLS", "reg", 1.0),
     # the enum form of the task type (as in PEFT's docs) must select the LM weight too
     "llama_gqa": (lambda: make_model("llama_gqa"), peft.TaskType.CAUSAL_LM, "lm", 0.1),
     "t5": (tiny_t5, "SEQ_2_SEQ_LM", "s2s", 0.1),
@@ -159,6 +164,16 @@ def test_prediction_loss_classification_matches_hand_kl():
     s = student.clone().requires_grad_(True)
     prediction_loss(s, teacher, T).backward()
     assert s.grad is not None and bool(s.grad.abs().sum() > 0)
+
+
+def test_prediction_loss_of_a_regression_head_is_the_mse_of_the_outputs():
+    """A one-output head (STS-B): the KL of a one-element softmax is always 0, so the outputs are matched by MSE."""
+    student, teacher = torch.tensor([[0.5], [2.0], [4.0]]), torch.tensor([[1.0], [2.0], [3.0]])
+    assert float(prediction_loss(student, teacher, T)) == pytest.approx((0.25 + 0.0 + 1.0) / 3)
+    assert float(prediction_loss(teacher, teacher, T)) == 0.0
+    s = student.clone().requires_grad_(True)
+    prediction_loss(s, teacher, T).backward()
+    assert s.grad.abs().sum() > 0  # it pulls the student's outputs towards the teacher's
 
 
 def test_prediction_loss_tokens_mean_over_masked_tokens():
@@ -650,6 +665,14 @@ def test_mu_is_averaged_over_the_logging_window(tmp_path):
             assert h["apt/mu"] == pytest.approx(want, abs=1e-9), h["step"]
             distill.append(h["apt/mu"])
     assert len(distill) >= 6 and all(b >= a for a, b in zip(distill, distill[1:]))
+
+
+def test_regression_student_is_pulled_towards_the_teachers_outputs(tmp_path):
+    """A one-output head (STS-B): the prediction term is the outputs' MSE, not a KL that is 0 by construction."""
+    tr, _, _ = train("bert_regression", tmp_path)
+    distill = [h for h in train_logs(tr) if "loss_pred" in h]
+    assert distill and all(math.isfinite(h["loss_pred"]) for h in distill)
+    assert sum(h["loss_pred"] > 1e-6 for h in distill) >= len(distill) // 2
 
 
 def test_mu_cap_keeps_the_task_loss_in_the_objective(tmp_path):

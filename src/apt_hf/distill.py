@@ -26,7 +26,12 @@ def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
     For ``(batch, classes)`` logits the KL is averaged over the batch; for ``(batch, tokens, vocab)`` logits it is
     averaged over the tokens where ``token_mask`` is true (the per-target-length form of seq2seq and causal LMs).
+    A regression head (``(batch, 1)`` outputs, e.g. STS-B) has no distribution to match: a softmax over one output is
+    1, so the KL would be 0 whatever the outputs. There the loss is the mean squared error between the student's and
+    the teacher's outputs (beyond spec F.3, which names only the KL).
     """
+    if student_logits.dim() == 2 and student_logits.shape[-1] == 1:
+        return F.mse_loss(student_logits.float(), teacher_logits.float())
     t = temperature
     log_ps = F.log_softmax(student_logits.float() / t, dim=-1)
     log_pt = F.log_softmax(teacher_logits.float() / t, dim=-1)
