@@ -144,6 +144,29 @@ def suite_summary(tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def suite_best(tasks: list[str]) -> str:
+    """Best dev metric after the last pruning event per task and method (mean over seeds), with the seeds counted
+    and the runs that ended as a constant model marked."""
+    per_task = {t: suite_rows(t) for t in tasks}
+    tasks = [t for t in tasks if per_task[t][1]]
+    methods = list(dict.fromkeys(m for t in tasks for m in per_task[t][1]))
+    header = [f"{t} ({per_task[t][0]['metric']})" for t in tasks]
+    lines = ["| method | " + " | ".join(header) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for t in tasks:
+            meta, rows = per_task[t]
+            rs = rows.get(m, [])
+            if not rs:
+                cells.append("–")
+                continue
+            constant = sum(_collapsed(r, meta["metric"], meta.get("majority_share")) for r in rs)
+            cells.append(f"{statistics.mean(r['best_metric'] for r in rs):.4f}" + (f" ({len(rs)} seeds)" if len(rs) > 1
+                         else "") + (f", {constant} constant" if constant else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _mean_or_none(values):
     values = [v for v in values if v is not None]
     return statistics.mean(values) if values else None
@@ -269,6 +292,7 @@ if __name__ == "__main__":
     for task in suite:
         print(suite_table(task), "\n")
     if suite:
+        print(suite_best(suite), "\n")
         print(suite_summary(suite), "\n")
     for path in sorted(p for p in RESULTS.glob("glue_*.json") if "_suite_" not in p.name):
         print(glue_table(path), "\n")

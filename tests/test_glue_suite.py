@@ -124,3 +124,6 @@ def test_suite_table_means_over_seeds_and_flags_constant_models(suite, tmp_path,
     assert cells[5] == "1 of 2" and cells[-1] == "1"  # seed 43 ended at the majority class
     summary = make_table.suite_summary(["sst2"])
     assert "| apt | 0.807 | 0.807 |" in summary
+    best = make_table.suite_best(["sst2", "cola"])  # a task without results has no column
+    assert best.splitlines()[0] == "| method | sst2 (accuracy) |"
+    assert "| ft | 0.8500 (2 seeds) |" in best and "| apt | 0.6950 (2 seeds), 1 constant |" in best
