@@ -110,8 +110,8 @@ class APTConfig(PeftConfig):
         distill_num_layers: teacher layers drawn each step, one from each contiguous block (spec F.3: 4).
         distill_mu_max: cap of the distillation weight ``mu`` (spec F.3 ramps it to 1, so the task loss's weight
             ``1 - mu`` reaches 0 at the end of the pruning window). Beyond the spec: a cap below 1 keeps the task loss
-            in the student's objective for the whole distillation phase. Default 1.0 (the paper); a smaller value is
-            a candidate against the first cause of the diagnosis in the README (issue 13), not yet chosen by evidence.
+            in the student's objective for the whole distillation phase. Default 1.0 (the paper): 0.5, tried against
+            the first cause of the diagnosis in the README (issue 13), lost on SST-2 (0.8693 against 0.8750).
         transform_rank: LoRA rank of the layer transformation ``Tr`` (identity + LoRA, spec F.4: 8).
         post_distill_lr_ratio: peak learning-rate factor of the task-loss fine-tuning after distillation, which gets
             a fresh schedule: 6 % warm-up, then linear decay to the end of training. Spec F.2 uses 0.1 after a
