@@ -44,6 +44,12 @@ from .search import fill_budget, search_kept, swap_to_budget
 from .tuning import adapter_size, grow_ranks, live_widths, plan_rank_growth
 
 logger = logging.getLogger(__name__)
+STATE_NAME = "pruning"  # this callback's entry in the checkpoint's APT training state (apt_hf.checkpoint)
+
+
+def eval_metric_key(metric: str) -> str:
+    """The key of ``metric`` (``TrainingArguments.metric_for_best_model``) in evaluation logs: ``eval_<metric>``."""
+    return metric if metric.startswith("eval_") else f"eval_{metric}"
 
 
 def constant_dev_metric(log_history: list[dict], metric: Optional[str]) -> Optional[tuple[float, int]]:
@@ -52,12 +58,11 @@ def constant_dev_metric(log_history: list[dict], metric: Optional[str]) -> Optio
     (a constant accuracy, F1 or Matthews correlation). ``None`` otherwise, or without a metric."""
     if not metric:
         return None
-    key = metric if metric.startswith("eval_") else f"eval_{metric}"
+    key = eval_metric_key(metric)
     values = [h[key] for h in log_history if key in h]
     if len(values) < 2 or any(v != values[0] for v in values):
         return None
     return values[0], len(values)
-STATE_NAME = "pruning"  # this callback's entry in the checkpoint's APT training state (apt_hf.checkpoint)
 
 
 class TrainingDivergedError(RuntimeError):

@@ -21,7 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from . import checkpoint, distributed
-from .callback import APTCallback, is_training_log
+from .callback import APTCallback, eval_metric_key, is_training_log
 from .distill import (ParamSnapshot, Teacher, alive_layers, default_pred_weight, layer_loss, next_token_mask,
                       prediction_logits, prediction_loss, sample_teacher_layers)
 from .model import APTModel, find_apt_model
@@ -259,7 +259,7 @@ class DistillCallback(TrainerCallback):
         """The selection metric of an evaluation (``metric_for_best_model``, else the eval loss), the eval loss and
         whether greater is better."""
         name = args.metric_for_best_model or "loss"
-        key = name if name.startswith("eval_") else f"eval_{name}"
+        key = eval_metric_key(name)
         value = metrics.get(key)
         if value is None:
             raise KeyError(f"APT distillation needs '{key}' from evaluation; available: {sorted(metrics)}. "
