@@ -127,7 +127,7 @@ def calibration() -> tuple[dict[str, float], dict[str, float], float, str]:
     return ft, factors, sum(overheads) / len(overheads), source
 
 
-def estimate(tasks: list[str], batch_size: int) -> str:
+def estimate(tasks: list[str], batch_size: int, epochs: float | None = None) -> str:
     ft, factor, overhead, source = calibration()
     fallback = factor.get("apt", 1.0)  # a method not measured yet: APT's step time
     lines = [f"calibrated on {source}; step time / FT: " + ", ".join(f"{m} {v:.2f}" for m, v in factor.items())
@@ -135,7 +135,7 @@ def estimate(tasks: list[str], batch_size: int) -> str:
              "| task | rows x epochs | steps | FT s/step | runs | est. CPU time (h) |", "|---|---|---|---|---|---|"]
     total = 0.0
     for task in tasks:
-        plan = TASKS[task]
+        plan = plan_of(task, epochs)
         steps = steps_of(task, plan, batch_size)
         runs = [m for t, _, m in planned_runs([task])]
         seconds = sum(steps * ft[task] * factor.get(m, fallback) + overhead for m in runs)
@@ -146,9 +146,24 @@ def estimate(tasks: list[str], batch_size: int) -> str:
     return "\n".join(lines)
 
 
+def plan_of(task: str, epochs: float | None = None) -> dict:
+    """A task's plan (``TASKS``), or with ``epochs`` a longer (or shorter) run of it whose evaluation interval is
+    scaled with the run, so it keeps about 20 evaluations."""
+    plan = dict(TASKS[task])
+    if epochs is not None and epochs != plan["epochs"]:
+        plan["eval_steps"] = max(1, round(plan["eval_steps"] * epochs / plan["epochs"]))
+        plan["epochs"] = epochs
+    return plan
+
+
+def variant(task: str, epochs: float | None = None) -> str:
+    """Folder and table name of a task's runs: the task itself for its planned epochs, else e.g. ``cola_10ep``."""
+    return task if epochs is None or epochs == TASKS[task]["epochs"] else f"{task}_{epochs:g}ep"
+
+
 def run_args(task: str, seed: int, args: argparse.Namespace) -> argparse.Namespace:
     """The ``glue_benchmark.run_method`` arguments of one run."""
-    plan = TASKS[task]
+    plan = plan_of(task, getattr(args, "epochs", None))
     return argparse.Namespace(
         task=task, glue_dir=args.glue_dir, train_rows=plan["train_rows"] or 10**9, epochs=plan["epochs"],
         batch_size=args.batch_size, max_length=plan["max_length"], eval_steps=plan["eval_steps"], ft_lr=args.ft_lr,
@@ -156,8 +171,8 @@ def run_args(task: str, seed: int, args: argparse.Namespace) -> argparse.Namespa
         seed=seed, apt_args=args.apt_args, run_glue_args=COMMON_FLAGS, malloc_mmap_threshold=0)
 
 
-def result_path(task: str, method: str, seed: int) -> Path:
-    return SUITE / task / f"{method}_seed{seed}.json"
+def result_path(task: str, method: str, seed: int, epochs: float | None = None) -> Path:
+    return SUITE / variant(task, epochs) / f"{method}_seed{seed}.json"
 
 
 def majority_share(task: str, glue_dir: str) -> float | None:
@@ -174,9 +189,9 @@ def majority_share(task: str, glue_dir: str) -> float | None:
 
 def write_table(task: str, seed: int, args: argparse.Namespace) -> None:
     """The per-(task, seed) table in glue_benchmark's format, from the result files present."""
-    runs = {}
+    runs, epochs = {}, getattr(args, "epochs", None)
     for method in ALL_METHODS:
-        path = result_path(task, method, seed)
+        path = result_path(task, method, seed, epochs)
         if path.exists():
             runs[method] = json.loads(path.read_text())["run"]
     if "ft" not in runs:
@@ -185,7 +200,7 @@ def write_table(task: str, seed: int, args: argparse.Namespace) -> None:
             "args": {**vars(run_args(task, seed, args)), "train_rows": train_rows_of(task), "suite": True},
             "device": "CPU, 2 cores (shared machine)",
             "metric": runs["ft"]["metric"], "majority_share": majority_share(task, args.glue_dir)}
-    gb.save(gb.RESULTS / f"glue_{task}_suite_seed{seed}", meta, runs)
+    gb.save(gb.RESULTS / f"glue_{variant(task, epochs)}_suite_seed{seed}", meta, runs)
 
 
 def main() -> None:
@@ -202,6 +217,8 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "suite"), help="Working folder of the runs.")
     p.add_argument("--methods", default=None, help="Only these planned methods (comma-separated), e.g. to run the "
                    "main comparison first; a later run without it completes the plan.")
+    p.add_argument("--epochs", type=float, default=None, help="Train the tasks for this many epochs instead of their "
+                   "plan's (evaluation interval scaled to match); results go to <task>_<N>ep, apart from the plan's.")
     p.add_argument("--estimate", action="store_true", help="Print the planned runs' estimated CPU time and exit.")
     args = p.parse_args()
     tasks = args.tasks.split(",")
@@ -213,17 +230,17 @@ def main() -> None:
     if methods is not None and methods - set(ALL_METHODS):
         p.error(f"unknown method(s) {sorted(methods - set(ALL_METHODS))}; choose from {list(ALL_METHODS)}")
     if args.estimate:
-        print(estimate(tasks, args.batch_size))
+        print(estimate(tasks, args.batch_size, args.epochs))
         return
     for task, seed, method in planned_runs(tasks, seeds):
         if methods is not None and method not in methods:
             continue
-        path = result_path(task, method, seed)
+        path = result_path(task, method, seed, args.epochs)
         if path.exists():
             print(f"== {task} {method} seed {seed}: done ({path})", flush=True)
             continue
         print(f"== {task} {method} seed {seed}", flush=True)
-        out = Path(args.out) / task / f"seed{seed}"
+        out = Path(args.out) / variant(task, args.epochs) / f"seed{seed}"
         out.mkdir(parents=True, exist_ok=True)
         run = gb.run_method(method, run_args(task, seed, args), out)
         run = {k: v for k, v in run.items() if k != "eval_metrics"}

@@ -107,6 +107,30 @@ def test_resumes_by_skipping_finished_runs(suite, tmp_path, monkeypatch):
     assert calls == []
 
 
+def test_longer_runs_keep_their_own_results_and_evaluation_count(suite, tmp_path, monkeypatch):
+    """``--epochs`` runs a task longer than its plan, with the evaluation interval scaled (about the same number of
+    evaluations), into ``suite/<task>_<N>ep`` and its own table; the plan's results are neither read nor skipped."""
+    plan = suite.TASKS["cola"]
+    done = tmp_path / "suite" / "cola" / "ft_seed42.json"  # a finished run of the planned 3 epochs
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps({"meta": {}, "run": _fake_run(0.30, 0.30)}))
+    calls = []
+
+    def fake(method, args, out):
+        calls.append((method, args.epochs, args.eval_steps, out))
+        return {**_fake_run(0.4, 0.4), "eval_metrics": {}}
+
+    monkeypatch.setattr(suite.gb, "run_method", fake)
+    monkeypatch.setattr(sys, "argv", ["glue_suite.py", "--tasks", "cola", "--seeds", "42", "--methods", "ft",
+                                      "--epochs", "10", "--out", str(tmp_path / "runs")])
+    suite.main()
+    scaled = round(plan["eval_steps"] * 10 / plan["epochs"])
+    assert calls == [("ft", 10.0, scaled, tmp_path / "runs" / "cola_10ep" / "seed42")]
+    assert (tmp_path / "suite" / "cola_10ep" / "ft_seed42.json").exists()
+    assert (tmp_path / "glue_cola_10ep_suite_seed42.json").exists()
+    assert suite.variant("cola", plan["epochs"]) == "cola"  # the plan's own epochs are the plan's results
+
+
 def test_suite_table_means_over_seeds_and_flags_constant_models(suite, tmp_path, monkeypatch):
     make_table = _load("make_table")
     monkeypatch.setattr(make_table, "RESULTS", tmp_path)
