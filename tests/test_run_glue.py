@@ -373,3 +373,32 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
     last = json.loads((out / "summary.json").read_text())
     assert last["start_step"] == 8 and last["resumed_from"] == str(out / "checkpoint-8")
     assert last["eval_metrics"]["eval_loss"] == pytest.approx(full["eval_metrics"]["eval_loss"], abs=1e-5)
+
+
+class _Stop(Exception):
+    pass
+
+
+@needs_real_data
+def test_dev_set_is_evaluated_in_order_of_length(run_glue, monkeypatch, tmp_path):
+    """The Trainer gets the dev set sorted by token count (less padding per evaluation batch), every row with its
+    own label, none lost."""
+    seen = {}
+
+    class Recorder:
+        def __init__(self, *args, eval_dataset=None, **kwargs):
+            seen["eval"] = eval_dataset
+            raise _Stop
+
+    rows = [("a gorgeous witty and utterly charming movie about love", "pos"), ("dull", "neg"),
+            ("a joy to watch from start to finish", "pos"), ("flat and tedious", "neg"), ("fine", "pos")]
+    train = write_csv(tmp_path / "train.csv", REVIEWS * 4)
+    dev = write_csv(tmp_path / "dev.csv", rows)
+    monkeypatch.setattr(run_glue, "Trainer", Recorder)
+    with pytest.raises(_Stop):
+        run_glue.main(["--train_file", str(train), "--validation_file", str(dev), "--label_column_name", "sentiment",
+                       "--method", "lora", "--max_steps", "2", "--output_dir", str(tmp_path / "run")])
+    lengths = [len(ids) for ids in seen["eval"]["input_ids"]]
+    assert lengths == sorted(lengths) and len(lengths) == len(rows)
+    by_length = sorted(rows, key=lambda row: len(row[0].split()))
+    assert seen["eval"]["label"] == [int(label == "pos") for _, label in by_length]
