@@ -807,33 +807,47 @@ def test_constant_dev_metric():
     assert apt_hf.callback.constant_dev_metric([*history, {"eval_mcc": 0.05}], "mcc") is None
     assert apt_hf.callback.constant_dev_metric(history, None) is None
     assert apt_hf.callback.constant_dev_metric(history, "accuracy") is None
+    # after a step only, and a repeated evaluation of one step counts once
+    moved = [{"eval_mcc": 0.2, "step": 2}, *history, {"eval_mcc": 0.0, "step": 8}]
+    assert apt_hf.callback.constant_dev_metric(moved, "mcc") is None
+    assert apt_hf.callback.constant_dev_metric(moved, "mcc", since=2) == (0.0, 2)
+    assert apt_hf.callback.constant_dev_metric(moved, "mcc", since=2, at_least=3) is None
 
 
-@pytest.mark.parametrize("moving", [False, True])
-def test_first_event_on_a_model_that_has_not_learned_is_flagged(tmp_path, caplog, moving):
+@pytest.mark.parametrize("course", ["stuck", "moving", "collapses"])
+def test_a_model_that_has_not_learned_or_collapses_is_flagged(tmp_path, caplog, course):
     """A dev metric stuck at one value (a constant predictor) at the first real pruning event gets a warning that
-    names the fix; a metric that moves does not."""
-    evaluations = []
+    names the fix; so does one that has not moved since the last pruning event when training ends (the pruned
+    model collapsed); a metric that moves gets neither."""
+    cb = APTCallback()
 
     def metrics(_):
-        evaluations.append(None)
-        return {"score": 0.5 + (0.01 * len(evaluations) if moving else 0.0)}
+        step = tr.state.global_step
+        if course == "stuck" or (course == "collapses" and step > cb.plan.events[-1]):
+            return {"score": 0.5}
+        return {"score": 0.5 + 0.01 * step}
 
-    cb = APTCallback()
-    args = make_args(tmp_path, eval_strategy="steps", eval_steps=4, metric_for_best_model="score")
+    # three evaluations (steps 44, 48, 52) after the last event (step 40)
+    args = make_args(tmp_path, max_steps=52, eval_strategy="steps", eval_steps=4, metric_for_best_model="score")
     tr = Trainer(model=apt_model("bert"), args=args, train_dataset=TokenTask(),
                  eval_dataset=torch.utils.data.Subset(TokenTask(), range(16)), compute_metrics=metrics,
                  callbacks=[cb])
     with caplog.at_level(logging.WARNING, logger="apt_hf.callback"):
         tr.train()
-    first = cb.plan.first_real_event
+    first, last = cb.plan.first_real_event, cb.plan.events[-1]
     flagged = [r.getMessage() for r in caplog.records if "first pruning event" in r.getMessage()]
-    if moving:
-        assert flagged == []
-    else:
+    at_end = [r.getMessage() for r in caplog.records if "after the last pruning event" in r.getMessage()]
+    if course == "stuck":
         assert len(flagged) == 1 and f"(step {first})" in flagged[0]
         assert f"score has been 0.5 at all {(first - 1) // 4} evaluations" in flagged[0]
         assert "pruning_start" in flagged[0]
+    else:
+        assert flagged == []
+    if course == "moving":
+        assert at_end == []
+    else:
+        assert len(at_end) == 1 and "score = 0.5 at all 3 evaluations" in at_end[0]
+        assert f"(step {last})" in at_end[0] and "pruning_start" in at_end[0]
 
 
 # ================================================================================================ 7. errors

@@ -45,6 +45,9 @@ from .tuning import adapter_size, grow_ranks, live_widths, plan_rank_growth
 
 logger = logging.getLogger(__name__)
 STATE_NAME = "pruning"  # this callback's entry in the checkpoint's APT training state (apt_hf.checkpoint)
+# Evaluations (at distinct steps) after the last pruning event with one unchanged dev metric that mark a pruned model
+# as a likely constant predictor; three, so that a metric repeated by chance on a small dev set rarely triggers it.
+END_CHECK_EVALUATIONS = 3
 
 
 def eval_metric_key(metric: str) -> str:
@@ -52,15 +55,19 @@ def eval_metric_key(metric: str) -> str:
     return metric if metric.startswith("eval_") else f"eval_{metric}"
 
 
-def constant_dev_metric(log_history: list[dict], metric: Optional[str]) -> Optional[tuple[float, int]]:
+def constant_dev_metric(log_history: list[dict], metric: Optional[str], since: Optional[int] = None,
+                        at_least: int = 2) -> Optional[tuple[float, int]]:
     """``(value, evaluations)`` when ``metric`` (``TrainingArguments.metric_for_best_model``) has had exactly the same
-    value at every evaluation in ``log_history``, two or more: the mark of a model that still predicts one class
-    (a constant accuracy, F1 or Matthews correlation). ``None`` otherwise, or without a metric."""
+    value at every evaluation in ``log_history`` (after step ``since``, if given), at ``at_least`` or more distinct steps: the mark
+    of a model that predicts one class (a constant accuracy, F1 or Matthews correlation). ``None`` otherwise, or
+    without a metric."""
     if not metric:
         return None
     key = eval_metric_key(metric)
-    values = [h[key] for h in log_history if key in h]
-    if len(values) < 2 or any(v != values[0] for v in values):
+    found = {h.get("step", i): h[key] for i, h in enumerate(log_history)
+             if key in h and (since is None or h.get("step", i) > since)}
+    values = list(found.values())
+    if len(values) < at_least or any(v != values[0] for v in values):
         return None
     return values[0], len(values)
 
@@ -504,4 +511,18 @@ class APTCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.apt is not None:  # a final save_pretrained after training carries no training state
             checkpoint.unregister(self.apt, STATE_NAME)
+        if self.plan is not None and self.config.adaptive_pruning and self.events_done == len(self.plan.events):
+            self._warn_if_constant_at_end(self.plan.events[-1], state.log_history, args.metric_for_best_model)
         return control
+
+    @staticmethod
+    def _warn_if_constant_at_end(last_event: int, log_history: list[dict], metric: Optional[str]) -> None:
+        """Warn when the dev metric has not moved since the last pruning event: the pruned model may be a constant
+        predictor, which no later evaluation would reveal as such (beyond spec G)."""
+        constant = constant_dev_metric(log_history, metric, since=last_event, at_least=END_CHECK_EVALUATIONS)
+        if constant is not None:
+            logger.warning(
+                "APT's pruned model had the same dev metric %s = %g at all %d evaluations after the last pruning event "
+                "(step %d): it may predict a constant (the majority class). Check its predictions before using it; "
+                "if so, prune later in the run or less (APTConfig.pruning_start / pruning_end / target_sparsity) or "
+                "train longer.", metric, constant[0], constant[1], last_event)
