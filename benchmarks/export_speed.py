@@ -5,7 +5,7 @@ another run trains beside it, so those ratios carry the noise of a shared CPU. T
 ``benchmarks/glue_suite.py`` left under ``--runs`` (``<task>/seed<seed>/<method>/export``) and times each against
 the dense model again, in one process, with the same measurement (``run_glue.median_latencies``: the two models take
 turns on one random full-length batch, medians) at batch 32 x 128 and 1 x 128 and one torch thread (the suite's
-setting). Run it when nothing else is running. Output: ``benchmarks/results/export_speed_seed<seed>.json``.
+setting). Run it when nothing else is running; the 1-minute load average before and after is recorded. Output: ``benchmarks/results/export_speed_seed<seed>.json``.
 
     python benchmarks/export_speed.py --runs runs/suite --seed 42
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ def main() -> None:
     found = exports(Path(args.runs), args.seed, args.methods.split(","))
     if not found:
         p.error(f"no exported model of seed {args.seed} under {args.runs}; run benchmarks/glue_suite.py first")
-    rows = []
+    load_before, rows = os.getloadavg()[0], []
     for task, method, folder in found:
         rows.append(measure(task, method, folder, args.repeats))
         r = rows[-1]
@@ -74,7 +75,8 @@ def main() -> None:
               f"b1 {r['speedup_b1']:.2f}x", flush=True)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"export_speed_seed{args.seed}.json")
     meta = {"command": shlex.join(["python", "benchmarks/export_speed.py", *sys.argv[1:]]), "args": vars(args),
-            "device": f"CPU, {args.threads} torch thread(s), nothing else running", "torch": torch.__version__}
+            "device": f"CPU, {os.cpu_count()} cores, {args.threads} torch thread(s)", "torch": torch.__version__,
+            "load_average_1min_before_after": [load_before, os.getloadavg()[0]]}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
