@@ -54,8 +54,8 @@ def measure(task: str, glue_dir: str, batch_size: int, max_length: int, repeats:
     dev = dev.add_column("row", list(range(len(dev))))
     ordered = sorted_by_length(dev)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in dev.column_names]
-    as_rows = lambda ds: [{k: ds[i][k] for k in keys} for i in range(len(ds))]  # noqa: E731
-    plain, by_length, position = as_rows(dev), as_rows(ordered), ordered["row"]
+    plain, by_length = ([{k: ds[i][k] for k in keys} for i in range(len(ds))] for ds in (dev, ordered))
+    position = ordered["row"]
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=spec.num_labels).eval()
     collator = transformers.DataCollatorWithPadding(tokenizer)
     plain_s, sorted_s, diff = [], [], 0.0

@@ -5,7 +5,8 @@ another run trains beside it, so those ratios carry the noise of a shared CPU. T
 ``benchmarks/glue_suite.py`` left under ``--runs`` (``<task>/seed<seed>/<method>/export``) and times each against
 the dense model again, in one process, with the same measurement (``run_glue.median_latencies``: the two models take
 turns on one random full-length batch, medians) at batch 32 x 128 and 1 x 128 and one torch thread (the suite's
-setting). Run it when nothing else is running; the 1-minute load average before and after is recorded. Output: ``benchmarks/results/export_speed_seed<seed>.json``.
+setting). Run it when nothing else is running; the 1-minute load average before and after is recorded. Output:
+``benchmarks/results/export_speed_seed<seed>.json``.
 
     python benchmarks/export_speed.py --runs runs/suite --seed 42
 """

@@ -163,7 +163,7 @@ def variant(task: str, epochs: float | None = None) -> str:
 
 def run_args(task: str, seed: int, args: argparse.Namespace) -> argparse.Namespace:
     """The ``glue_benchmark.run_method`` arguments of one run."""
-    plan = plan_of(task, getattr(args, "epochs", None))
+    plan = plan_of(task, args.epochs)
     return argparse.Namespace(
         task=task, glue_dir=args.glue_dir, train_rows=plan["train_rows"] or 10**9, epochs=plan["epochs"],
         batch_size=args.batch_size, max_length=plan["max_length"], eval_steps=plan["eval_steps"], ft_lr=args.ft_lr,
@@ -189,7 +189,7 @@ def majority_share(task: str, glue_dir: str) -> float | None:
 
 def write_table(task: str, seed: int, args: argparse.Namespace) -> None:
     """The per-(task, seed) table in glue_benchmark's format, from the result files present."""
-    runs, epochs = {}, getattr(args, "epochs", None)
+    runs, epochs = {}, args.epochs
     for method in ALL_METHODS:
         path = result_path(task, method, seed, epochs)
         if path.exists():

@@ -233,6 +233,14 @@ def lora_prune(trainer: Trainer, model: peft.PeftModel, task_type: str, target: 
     return model
 
 
+def sorted_by_length(dataset: datasets.Dataset) -> datasets.Dataset:
+    """The tokenized ``dataset`` in order of increasing ``input_ids`` length, for evaluation: the metrics do not depend
+    on the order, and the Trainer's evaluation batches (sequential, padded to their longest row) then carry little
+    padding, so each evaluation computes fewer tokens."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return dataset.select(sorted(range(len(lengths)), key=lengths.__getitem__))
+
+
 class EvalClock(TrainerCallback):
     """Training wall-clock (evaluation time excluded), the step training (re)started at, and the main dev metric at
     every evaluation, for time-to-accuracy (spec G)."""
@@ -257,14 +265,6 @@ class EvalClock(TrainerCallback):
 
 
 # ---------------------------------------------------------------------------------------------------- the summary
-def sorted_by_length(dataset: datasets.Dataset) -> datasets.Dataset:
-    """The tokenized ``dataset`` in order of increasing ``input_ids`` length, for evaluation: the metrics do not depend
-    on the order, and the Trainer's evaluation batches (sequential, padded to their longest row) then carry little
-    padding, so each evaluation computes fewer tokens."""
-    lengths = [len(ids) for ids in dataset["input_ids"]]
-    return dataset.select(sorted(range(len(lengths)), key=lengths.__getitem__))
-
-
 def pruned_size(model: torch.nn.Module) -> dict[str, Any]:
     """``kept_params``, ``original_params`` and ``density`` of an APT-wrapped (or LoRA+Prune) model after pruning."""
     kept, original = apt_hf.count_params(model), apt_hf.find_apt_model(model).n_params

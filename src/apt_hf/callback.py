@@ -58,9 +58,9 @@ def eval_metric_key(metric: str) -> str:
 def constant_dev_metric(log_history: list[dict], metric: Optional[str], since: Optional[int] = None,
                         at_least: int = 2) -> Optional[tuple[float, int]]:
     """``(value, evaluations)`` when ``metric`` (``TrainingArguments.metric_for_best_model``) has had exactly the same
-    value at every evaluation in ``log_history`` (after step ``since``, if given), at ``at_least`` or more distinct steps: the mark
-    of a model that predicts one class (a constant accuracy, F1 or Matthews correlation). ``None`` otherwise, or
-    without a metric."""
+    value at every evaluation in ``log_history`` (after step ``since``, if given), at ``at_least`` or more distinct
+    steps: the mark of a model that predicts one class (a constant accuracy, F1 or Matthews correlation). ``None``
+    otherwise, or without a metric."""
     if not metric:
         return None
     key = eval_metric_key(metric)
