@@ -50,6 +50,10 @@ METHODS: dict[str, list[str]] = {
     # APT with mu's ramp capped at 0.5, so the task loss keeps half the weight while distilling (issue 13's
     # diagnosis, first cause; a candidate for the default of APTConfig.distill_mu_max)
     "apt_mu_half": ["--method", "apt", "--distillation", "True", "--distill_mu_max", "0.5"],
+    # APT whose teacher is refreshed at every evaluation during distillation that beats it, so it is always the best
+    # model evaluated so far (issue 13's diagnosis: early teachers at chance; a candidate for the default of
+    # APTConfig.teacher_refresh)
+    "apt_teacher_eval": ["--method", "apt", "--distillation", "True", "--teacher_refresh", "eval"],
 }
 
 

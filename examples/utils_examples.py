@@ -87,6 +87,11 @@ class APTArguments:
                                                                  "loss keeps weight 1 - mu (paper: 1.0)")
     post_distill_lr_ratio: Optional[float] = _apt_field("post_distill_lr_ratio", "Peak learning-rate factor of the "
                                                                                  "fresh schedule after distillation")
+    teacher_refresh: Optional[str] = _apt_field("teacher_refresh", "When the teacher is replaced by the student: "
+                                                                   "window (spec F.1, at a mask-decay window's start "
+                                                                   "if the dev metric beats the teacher's), eval (at "
+                                                                   "any such evaluation while distilling), never or "
+                                                                   "latest")
 
 
 @dataclass

@@ -195,8 +195,15 @@ def test_apt_options_left_out_take_aptconfig_defaults(run_glue):
     defaults = apt_hf.APTConfig(task_type="SEQ_CLS")
     assert config.to_dict() == defaults.to_dict()
     changed = run_glue.build_apt_config(run_glue.APTArguments(pruning_end="300", distillation=False,
-                                                              num_pruning_events=3), run_glue.MethodArguments(), 376)
+                                                              num_pruning_events=3, teacher_refresh="eval"),
+                                        run_glue.MethodArguments(), 376)
     assert (changed.pruning_end, changed.distillation, changed.num_pruning_events) == (300, False, 3)
+    assert changed.teacher_refresh == "eval"
+
+
+def test_unknown_teacher_refresh_names_the_choices(run_glue):
+    with pytest.raises(run_glue.InputError, match="teacher_refresh.*window, eval, never, latest"):
+        run_glue.build_apt_config(run_glue.APTArguments(teacher_refresh="best"), run_glue.MethodArguments(), 376)
 
 
 @pytest.mark.parametrize("task, given, want", [
