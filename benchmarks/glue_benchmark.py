@@ -215,6 +215,8 @@ def table_rows(results: dict[str, dict]) -> list[dict]:
             "peak_rss_mb": r["peak_rss_mb"], "kept_params": r["kept_params"], "density": r["density"],
             "throughput_b32_vs_dense": r.get("speedup"), "throughput_b1_vs_dense": r.get("speedup_b1"),
         })
+        if r.get("constant_model") is not None:  # run_glue's own check of the final model (not in older runs)
+            rows[-1]["constant_model"] = r["constant_model"]
         final = r["eval_history"][-1].get("metrics", {}) if r["eval_history"] else {}
         if r["metric"] != "accuracy" and "eval_accuracy" in final:  # e.g. MRPC: F1 flatters a majority-class model
             rows[-1]["final_accuracy"] = final["eval_accuracy"]
@@ -241,7 +243,7 @@ def save(stem: Path, meta: dict, runs: dict[str, dict]) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "table": rows, "runs": runs}, indent=2))
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))  # rows can differ
         writer.writeheader()
         writer.writerows(rows)
     draw(stem, meta, runs)

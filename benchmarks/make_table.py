@@ -79,8 +79,11 @@ def seed_table(paths: list[Path]) -> str:
 
 
 def _collapsed(row: dict, metric: str, majority) -> bool:
-    """Whether a run ended as a constant model: accuracy equal to the dev majority-class share, or a correlation
-    (Matthews, Pearson) of exactly 0 or NaN."""
+    """Whether a run ended as a constant model: as ``run_glue.py`` found it (the same answer for every dev example),
+    or, for runs older than that check, accuracy equal to the dev majority-class share, or a correlation (Matthews,
+    Pearson) of exactly 0 or NaN."""
+    if row.get("constant_model") is not None:
+        return row["constant_model"]
     if majority is not None:
         accuracy = row["final_metric"] if metric == "accuracy" else row.get("final_accuracy")
         if accuracy is not None and abs(accuracy - majority) < 1e-9:

@@ -58,6 +58,7 @@ Without ``--learning_rate``, APT and LoRA use 5e-4 (adapters and the task head) 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import shutil
@@ -94,7 +95,7 @@ from utils_examples import (DEFAULT_MODEL_PACKAGE, AdapterArguments, APTArgument
                             export_folder, kept_params_row, load_config_and_tokenizer, lora_prune, minilm_path,
                             optimizer_steps, pruned_size, save_summary, setup_logging, sorted_by_length)
 from utils_glue import (DataError, compute_metrics, get_task_spec, load_data_files, load_glue_split,  # noqa: E402
-                        load_hub_dataset, standardize)
+                        load_hub_dataset, standardize, top_class_share)
 
 import apt_hf  # noqa: E402  (found by utils_examples in a source checkout)
 
@@ -287,6 +288,17 @@ class TrainMemory(TrainerCallback):
         self.peak_mb = rss_mb("VmHWM")
 
 
+def ended_constant(eval_metrics: dict[str, float]) -> Optional[str]:
+    """Why the evaluated model is constant (one class for every example, or a regression whose correlation with the
+    labels is undefined because every score is the same), or ``None``."""
+    if eval_metrics.get("eval_top_class_share") == 1.0:
+        return "one predicted class"
+    pearson = eval_metrics.get("eval_pearson")
+    if pearson is not None and math.isnan(pearson):
+        return "one predicted score"
+    return None
+
+
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     """The rows of the end-of-run table."""
     rows = [("task", summary["task"]), ("method", summary["method"]),
@@ -303,6 +315,8 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("resumed from", f"{summary['resumed_from']} (step {summary['start_step']})"))
     if summary.get("export_dir"):
         rows.append(("exported to", summary["export_dir"]))
+    if summary.get("constant_model"):
+        rows.append(("warning", "constant model: the same answer for every dev example"))
     return rows
 
 
@@ -376,7 +390,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     # 6. Metrics: scikit-learn / SciPy through utils_glue.
     def metrics_of(p: EvalPrediction) -> dict[str, float]:
         predictions = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
-        return compute_metrics(spec, predictions, p.label_ids)
+        metrics = compute_metrics(spec, predictions, p.label_ids)
+        if not spec.is_regression:  # 1.0: one class for every dev example (a constant model)
+            metrics["top_class_share"] = top_class_share(predictions)
+        return metrics
 
     # 7. Train (resuming when there is a checkpoint), save, evaluate.
     select_on_task_metric(training_args, spec.main_metric)
@@ -397,6 +414,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     eval_metrics = trainer.evaluate()
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("eval", eval_metrics)
+    constant = ended_constant(eval_metrics)
+    if constant:
+        logger.warning("The final model gives the same answer for every dev example (%s): it has not learned the task "
+                       "(or has collapsed), whatever its %s. Train longer, with a higher learning rate, or for APT "
+                       "prune later or less (--pruning_start, --pruning_end, --target_sparsity).", constant,
+                       spec.main_metric)
 
     # 8. APT: export the pruned model; every method: the summary.
     summary: dict[str, Any] = {
@@ -415,6 +438,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "density": 1.0,
         "export_dir": None,
         "speedup": None,
+        "constant_model": bool(constant),
     }
     summary.update(eval_history=clock.history, log_history=trainer.state.log_history,
                    best_metric=max([h["metric"] for h in clock.history] or [summary["metric_value"]]),

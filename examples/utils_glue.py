@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["DataError", "GLUE_TASKS", "TaskSpec", "compute_metrics", "get_task_spec", "load_data_files",
-           "load_glue_split", "load_hub_dataset", "normalize_task_name", "standardize"]
+           "load_glue_split", "load_hub_dataset", "normalize_task_name", "standardize", "top_class_share"]
 
 
 class DataError(ValueError):
@@ -378,6 +378,15 @@ def _scores(values: Any, what: str) -> np.ndarray:
     if arr.ndim != 1:
         raise ValueError(f"{what} must be scores of shape (n,) or (n, 1); got shape {arr.shape}.")
     return arr
+
+
+def top_class_share(predictions: Any) -> float:
+    """Share of the examples given the most frequent predicted class (class ids or logits); 1.0 means the model
+    answered one class for every example, a constant model, whatever that class's share of the labels."""
+    ids = _class_ids(predictions, "predictions")
+    if len(ids) == 0:
+        raise ValueError("cannot compute the top class share of empty predictions.")
+    return float(np.bincount(ids - ids.min()).max() / len(ids))
 
 
 def _correlation(fn, x: np.ndarray, y: np.ndarray) -> float:

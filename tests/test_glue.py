@@ -20,6 +20,7 @@ from utils_glue import (  # noqa: E402
     get_task_spec,
     load_glue_split,
     normalize_task_name,
+    top_class_share,
 )
 
 GLUE_DIR = Path(
@@ -370,3 +371,12 @@ def test_metric_input_validation() -> None:
         compute_metrics("sst2", [0.5, 1.0], [0, 1])
     out = compute_metrics("sst2", np.array([1.0, 0.0]), np.array([1, 0]))
     assert out == {"accuracy": 1.0} and all(type(v) is float for v in out.values())
+
+
+def test_top_class_share_is_one_only_for_a_constant_model() -> None:
+    assert top_class_share([1, 1, 1, 1]) == 1.0 and top_class_share([0, 0, 0]) == 1.0
+    assert top_class_share([0, 1, 1, 1]) == 0.75
+    logits = np.array([[0.1, 2.0, -1.0], [0.0, 3.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    assert top_class_share(logits) == 0.5  # argmax 1, 1, 0, 2
+    with pytest.raises(ValueError, match="empty"):
+        top_class_share(np.zeros((0, 2)))

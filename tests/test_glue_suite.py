@@ -151,3 +151,22 @@ def test_suite_table_means_over_seeds_and_flags_constant_models(suite, tmp_path,
     best = make_table.suite_best(["sst2", "cola"])  # a task without results has no column
     assert best.splitlines()[0] == "| method | sst2 (accuracy) |"
     assert "| ft | 0.8500 (2 seeds) |" in best and "| apt | 0.6950 (2 seeds), 1 constant |" in best
+
+
+def test_the_runs_own_constant_check_decides_over_the_accuracy_heuristic(suite, tmp_path, monkeypatch):
+    """run_glue's ``constant_model`` (one answer for every dev example) is what counts where a run has it: a model
+    that always answers the minority class is constant, one at the majority share by chance is not; runs from before
+    that check still fall back to the majority share, and the CSV takes rows with and without the field."""
+    make_table = _load("make_table")
+    monkeypatch.setattr(make_table, "RESULTS", tmp_path)
+    runs = {"ft": _fake_run(0.50, 0.90),  # an older run: no flag, so the majority share decides (constant)
+            "apt": {**_fake_run(0.47, 0.60, events=(5,), density=0.4), "constant_model": True},
+            "apt_wo_DS": {**_fake_run(0.50, 0.70, events=(5,), density=0.4), "constant_model": False}}
+    meta = {"task": "rte", "command": "python benchmarks/glue_suite.py", "args": {"seed": 42},
+            "metric": "accuracy", "majority_share": 0.5}
+    suite.gb.save(tmp_path / "glue_rte_suite_seed42", meta, runs)
+    best = make_table.suite_best(["rte"])
+    assert "| ft | 0.9000, 1 constant |" in best and "| apt | 0.6000, 1 constant |" in best
+    assert "| apt_wo_DS | 0.7000 |" in best
+    header = (tmp_path / "glue_rte_suite_seed42.csv").read_text().splitlines()[0]
+    assert header.endswith(",constant_model")

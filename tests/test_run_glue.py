@@ -91,6 +91,9 @@ def test_lora_tiny_run(tmp_path):
     proc = run_script([*TINY_RUN, "--method", "lora", "--output_dir", str(out), "--max_train_samples", "64"])
     assert proc.returncode == 0, explain(proc)
     summary = json.loads((out / "summary.json").read_text())
+    share = summary["eval_metrics"]["eval_top_class_share"]  # the final model's own check for a constant model
+    assert 0.5 <= share <= 1.0 and summary["constant_model"] is (share == 1.0)
+    assert ("same answer for every dev example" in proc.stderr) is (share == 1.0)
     assert summary["method"] == "lora" and summary["metric"] == "accuracy"
     assert 0.0 <= summary["metric_value"] <= 1.0
     assert summary["density"] == 1.0 and summary["kept_params"] == summary["original_params"] > 0
@@ -204,6 +207,17 @@ def test_apt_options_left_out_take_aptconfig_defaults(run_glue):
 def test_unknown_teacher_refresh_names_the_choices(run_glue):
     with pytest.raises(run_glue.InputError, match="teacher_refresh.*window, eval, never, latest"):
         run_glue.build_apt_config(run_glue.APTArguments(teacher_refresh="best"), run_glue.MethodArguments(), 376)
+
+
+@pytest.mark.parametrize("metrics, want", [
+    ({"eval_accuracy": 0.527, "eval_top_class_share": 1.0}, "one predicted class"),
+    ({"eval_accuracy": 0.473, "eval_top_class_share": 1.0}, "one predicted class"),  # the minority class throughout
+    ({"eval_accuracy": 0.527, "eval_top_class_share": 0.93}, None),
+    ({"eval_pearson": float("nan"), "eval_spearmanr": float("nan")}, "one predicted score"),
+    ({"eval_pearson": 0.12}, None),
+])
+def test_a_final_model_with_one_answer_is_reported_constant(run_glue, metrics, want):
+    assert run_glue.ended_constant(metrics) == want
 
 
 @pytest.mark.parametrize("task, given, want", [
