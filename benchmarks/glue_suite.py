@@ -42,7 +42,7 @@ ABLATION_SEED = 42
 # metric after the last pruning event on both tasks (it did); mu's cap 0.5 (``apt_mu_half``) becomes the default of
 # ``APTConfig.distill_mu_max`` if it beats ``apt`` in the same way on both tasks (it lost on SST-2); the teacher
 # refreshed at every better evaluation (``apt_teacher_eval``) makes ``"eval"`` the default of
-# ``APTConfig.teacher_refresh`` under the same rule, otherwise spec F.1's ``"window"`` stays.
+# ``APTConfig.teacher_refresh`` under the same rule, otherwise spec F.1's ``"window"`` stays (it lost on MRPC).
 SELECTION_TASKS = ("sst2", "mrpc")
 SELECTION = ("apt_recovery_lr01", "apt_recovery_lr1", "apt_mu_half", "apt_teacher_eval")
 ALL_METHODS = MAIN_METHODS + ABLATIONS + SELECTION
