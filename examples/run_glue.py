@@ -349,6 +349,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             raise InputError("--max_train_samples and --max_eval_samples must leave at least one row")
         total_steps = optimizer_steps(len(raw_train), training_args)
         apt_config = build_apt_config(apt_args, method_args, total_steps) if method_args.method == "apt" else None
+        if apt_config is not None and apt_config.pruning_start_gate is not None:
+            if training_args.eval_strategy == "no":
+                raise InputError("--pruning_start_gate watches the dev metric: set --eval_strategy steps and "
+                                 "--eval_steps N")
+            training_args.eval_on_start = True  # the gate's baseline: the untrained model's dev metric
         export_dir = export_folder(method_args, training_args.output_dir,
                                    checked=method_args.method in ("apt", "lora_prune"))
         config, tokenizer = load_config_and_tokenizer(model_path, model_args.tokenizer_name,

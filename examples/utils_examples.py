@@ -92,6 +92,11 @@ class APTArguments:
                                                                    "if the dev metric beats the teacher's), eval (at "
                                                                    "any such evaluation while distilling), never or "
                                                                    "latest")
+    pruning_start_gate: Optional[float] = _apt_field("pruning_start_gate", "Open the pruning window only once the "
+                                                                         "dev metric beats the untrained model's "
+                                                                         "(step 0) by this much, at the latest at "
+                                                                         "pruning_end; run_glue.py then evaluates "
+                                                                         "at step 0 (eval_on_start)")
 
 
 @dataclass

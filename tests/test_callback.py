@@ -850,6 +850,100 @@ def test_a_model_that_has_not_learned_or_collapses_is_flagged(tmp_path, caplog, 
         assert f"(step {last})" in at_end[0] and "pruning_start" in at_end[0]
 
 
+class MaskWatch(TrainerCallback):
+    """After APTCallback: per step, whether salience hooks are attached and the smallest mask value."""
+
+    def __init__(self, cb: APTCallback) -> None:
+        self.cb, self.hooked, self.low = cb, {}, {}
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        masks = apt_hf.find_apt_model(model).masks.values()
+        self.hooked[state.global_step] = bool(self.cb.collector._handles)
+        self.low[state.global_step] = min(float(m.min()) for m in [*masks[0], *masks[1], masks[2]] if m.numel())
+
+
+def gated_trainer(tmp_path, curve, trainer_cls=Trainer, **kw):
+    """A tiny BERT with ``pruning_start_gate=0.05`` whose dev metric 'score' is ``curve(step)``, evaluated at step 0
+    and every 4 steps; returns (trainer, callback, watcher)."""
+    cb = APTCallback()
+    watch = MaskWatch(cb)
+    args = make_args(tmp_path, max_steps=MAX_STEPS, **{**dict(eval_strategy="steps", eval_steps=4, eval_on_start=True,
+                                                              metric_for_best_model="score"), **kw})
+    tr = trainer_cls(model=apt_model("bert", pruning_start_gate=0.05), args=args, train_dataset=TokenTask(),
+                     eval_dataset=torch.utils.data.Subset(TokenTask(), range(16)),
+                     compute_metrics=lambda _: {"score": curve(tr.state.global_step)}, callbacks=[cb, watch])
+    return tr, cb, watch
+
+
+def test_pruning_start_gate_holds_the_window_until_the_dev_metric_moves(tmp_path):
+    """Beyond spec D.2 (APTConfig.pruning_start_gate): the planned window opens at step 5, but the dev metric stays
+    at the untrained model's 0.5 until step 16, so nothing is collected or masked before 16, and the whole schedule
+    (window end, warm-up, events) moves to the plan that opens at 16. The model still reaches its target density."""
+    tr, cb, watch = gated_trainer(tmp_path, lambda step: 0.5 if step < 16 else 0.6)
+    tr.train()
+    assert (cb.gate_baseline, cb.gate_opened) == (0.5, 16)
+    assert cb.plan == apt_hf.schedule.gated_plan(cb.config, MAX_STEPS, 16, distill=False)
+    assert cb.plan.start == 16 and cb.plan.end == 16 + round(35 * 29 / 40) and cb.plan.events[0] > 16
+    assert not any(watch.hooked[s] for s in range(1, 17)) and watch.hooked[cb.plan.events[0]]
+    assert all(watch.low[s] == 1.0 for s in range(1, cb.plan.windows[0]))
+    assert cb.events_done == len(cb.plan.events)
+    assert 0.99 * 0.4 <= cb.stats()["apt/density"] <= 0.4
+    assert any(h.get("apt/pruning_start") == 16 for h in tr.state.log_history)
+
+
+def test_pruning_start_gate_opens_at_the_planned_start_when_the_model_learns_early(tmp_path):
+    tr, cb, _ = gated_trainer(tmp_path, lambda step: 0.5 + 0.02 * step)
+    tr.train()
+    assert cb.gate_opened == 5 and cb.plan == apt_hf.schedule.resolve_plan(cb.config, MAX_STEPS, distill=False)
+
+
+def test_pruning_start_gate_opens_at_pruning_end_with_a_warning(tmp_path, caplog):
+    """A dev metric that never moves: the window opens at the planned end (step 40), still reaching the target."""
+    tr, cb, watch = gated_trainer(tmp_path, lambda step: 0.5)
+    with caplog.at_level(logging.WARNING, logger="apt_hf.callback"):
+        tr.train()
+    assert cb.gate_opened == 40 and cb.plan.start == 40 and cb.events_done == len(cb.plan.events)
+    assert not any(watch.hooked[s] for s in range(1, 41))
+    warned = [r.getMessage() for r in caplog.records if "never beat the untrained" in r.getMessage()]
+    assert len(warned) == 1 and "step 40" in warned[0]
+    assert 0.99 * 0.4 <= cb.stats()["apt/density"] <= 0.4
+
+
+def test_pruning_start_gate_moves_the_distillation_schedule(tmp_path):
+    """With APTTrainer the distillation window, teacher-refresh steps and last event follow the moved plan."""
+    tr, cb, _ = gated_trainer(tmp_path, lambda step: 0.5 if step < 16 else 0.6, trainer_cls=apt_hf.APTTrainer)
+    tr.train()
+    distiller = tr.distiller
+    assert cb.gate_opened == 16 and cb.plan.distill_start == cb.plan.first_real_event + 1
+    assert (distiller.start, distiller.end, distiller.last_event) == (cb.plan.distill_start, cb.plan.distill_end,
+                                                                      cb.plan.events[-1])
+    assert min(distiller.refresh_steps) >= 16
+
+
+@pytest.mark.parametrize("resume_at", [12, 24])  # before and after the gate opened at step 16
+def test_pruning_start_gate_state_is_resumed(tmp_path, resume_at):
+    """The untrained model's metric and the opening step travel in the checkpoint: a run resumed before the gate
+    opened still compares with step 0's metric (not with the resumed evaluation's), and one resumed after it keeps
+    the moved plan."""
+    curve = lambda step: 0.5 if step == 0 else 0.53 if step < 16 else 0.56  # noqa: E731
+    ref, ref_cb, _ = gated_trainer(tmp_path / "ref", curve, save_strategy="steps", save_steps=12)
+    ref.train()
+    tr, cb, _ = gated_trainer(tmp_path / "resumed", curve)
+    tr.train(resume_from_checkpoint=str(tmp_path / "ref" / f"checkpoint-{resume_at}"))
+    assert (cb.gate_baseline, cb.gate_opened) == (0.5, 16) and cb.plan == ref_cb.plan
+    assert cb.events_done == len(cb.plan.events) and cb.stats()["apt/density"] == ref_cb.stats()["apt/density"]
+
+
+@pytest.mark.parametrize("missing, message", [
+    (dict(eval_on_start=False), "eval_on_start=True"),
+    (dict(metric_for_best_model=None), "metric_for_best_model"),
+])
+def test_pruning_start_gate_needs_the_untrained_models_metric(tmp_path, missing, message):
+    tr, _, _ = gated_trainer(tmp_path, lambda step: 0.5, **missing)
+    with pytest.raises(ValueError, match=f"pruning_start_gate=0.05.*{message}"):
+        tr.train()
+
+
 # ================================================================================================ 7. errors
 @pytest.mark.parametrize("wrap", ["plain", "lora"])
 def test_callback_without_apt_adapters(wrap, tmp_path):

@@ -180,6 +180,35 @@ def test_apt_schedule_that_does_not_fit(run_glue, monkeypatch, capsys, tmp_path,
     assert expected in err and "this run has 25 optimizer steps" in err
 
 
+@needs_real_data
+def test_pruning_start_gate_needs_evaluations(run_glue, monkeypatch, capsys, tmp_path):
+    err = fail_before_training(run_glue, monkeypatch, capsys, [*TINY_RUN, "--output_dir", str(tmp_path),
+                                                               "--pruning_start_gate", "0.05"])
+    assert "--pruning_start_gate watches the dev metric" in err and "--eval_strategy steps" in err
+    err = fail_before_training(run_glue, monkeypatch, capsys, [*TINY_RUN, "--output_dir", str(tmp_path),
+                                                               "--pruning_start_gate", "0.05", "--eval_strategy",
+                                                               "steps", "--pruning_end", "0.9"])
+    assert "pruning_start_gate: with the pruning window opening at step 22" in err  # the latest opening does not fit
+
+
+@pytest.mark.slow
+@needs_real_data
+def test_pruning_start_gate_run_evaluates_the_untrained_model(tmp_path):
+    """run_glue.py turns on the evaluation at step 0 that the gate compares with; a gate of 0 opens the window at
+    its planned start (the first evaluation there is at least as good as the untrained model's, or it opens at
+    pruning_end), and the run reaches its target."""
+    out = tmp_path / "apt"
+    proc = run_script([*TINY_RUN, "--method", "apt", "--output_dir", str(out), "--max_train_samples", "128",
+                       "--pruning_start", "0.1", "--sparsity_warmup", "0.0", "--pruning_end", "0.5",
+                       "--num_pruning_events", "2", "--distillation", "False", "--export", "False",
+                       "--eval_strategy", "steps", "--eval_steps", "2", "--pruning_start_gate", "0.0"])
+    assert proc.returncode == 0, explain(proc)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_history"][0]["step"] == 0
+    opened = [h["apt/pruning_start"] for h in summary["log_history"] if "apt/pruning_start" in h]
+    assert len(opened) == 1 and summary["density"] == pytest.approx(0.4, abs=0.01)
+
+
 @pytest.mark.parametrize("flags, want", [
     ({}, 226),  # distillation ends with the pruning window by default (APTConfig's: 0.6 of 376 steps)
     ({"pruning_end": "0.7"}, 263),
@@ -198,10 +227,11 @@ def test_apt_options_left_out_take_aptconfig_defaults(run_glue):
     defaults = apt_hf.APTConfig(task_type="SEQ_CLS")
     assert config.to_dict() == defaults.to_dict()
     changed = run_glue.build_apt_config(run_glue.APTArguments(pruning_end="300", distillation=False,
-                                                              num_pruning_events=3, teacher_refresh="eval"),
+                                                              num_pruning_events=3, teacher_refresh="eval",
+                                                              pruning_start_gate=0.05),
                                         run_glue.MethodArguments(), 376)
     assert (changed.pruning_end, changed.distillation, changed.num_pruning_events) == (300, False, 3)
-    assert changed.teacher_refresh == "eval"
+    assert changed.teacher_refresh == "eval" and changed.pruning_start_gate == 0.05
 
 
 def test_unknown_teacher_refresh_names_the_choices(run_glue):

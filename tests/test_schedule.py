@@ -285,3 +285,49 @@ def test_paper_preset_reproduces_the_reference_schedule() -> None:
     assert fewer.num_pruning_events == 4 and first == 3257 and fewer.distill_end == first + 1 + 20 * E
     with pytest.raises(ValueError, match="steps_per_epoch"):
         APTConfig.paper_preset(steps_per_epoch=0)
+
+
+# ---------------------------------------------------------------- the pruning-start gate (beyond spec D.2)
+
+
+def test_gated_plan_maps_the_planned_schedule_onto_the_steps_left() -> None:
+    """A window opened at step 200 of a 540-step run (STS-B at 3 epochs) instead of the planned 27: every planned step
+    from 27 on moves by t -> 200 + (t - 27) * 340 / 513, so the window end 324 -> 397, the 27-step warm-up -> 18 and
+    distill_end 432 -> 468; opening at or before the planned start keeps the plan."""
+    from apt_hf import APTConfig
+    from apt_hf.schedule import gated_plan, resolve_plan
+
+    cfg = APTConfig(target_sparsity=0.6, pruning_start_gate=0.05)
+    planned = resolve_plan(cfg, 540)
+    assert (planned.start, planned.end, planned.warmup) == (27, 324, 27)
+    assert gated_plan(cfg, 540, 27) == planned and gated_plan(cfg, 540, 10) == planned
+    moved = gated_plan(cfg, 540, 200)
+    assert (moved.start, moved.end, moved.warmup) == (200, 397, 18)
+    assert moved.events == (239, 278, 318, 357, 397) and moved.final_density == planned.final_density
+    assert (moved.distill_start, moved.distill_end) == (240, 397)  # distill_end follows the window end
+    with_end = gated_plan(APTConfig(target_sparsity=0.6, distill_end=0.8), 540, 200)
+    assert with_end.distill_end == 468
+    latest = gated_plan(cfg, 540, planned.end)  # the latest opening: the planned window end
+    assert latest.start == 324 and latest.end == 324 + round(297 * 216 / 513) and latest.events[-1] < 540
+    with pytest.raises(ValueError, match="pruning_start_gate.*step 7.*train longer"):
+        gated_plan(APTConfig(target_sparsity=0.6, num_pruning_events=5), 9, 7)
+
+
+@pytest.mark.parametrize("value, baseline, delta, greater, want", [
+    (0.55, 0.50, 0.05, True, True), (0.54, 0.50, 0.05, True, False), (0.0, 0.0, 0.0, True, True),
+    (0.60, 0.69, 0.05, False, True), (0.66, 0.69, 0.05, False, False),  # a loss: lower is better
+])
+def test_gate_opens_on_a_gain_over_the_untrained_model(value, baseline, delta, greater, want) -> None:
+    from apt_hf.schedule import gate_opens
+
+    assert gate_opens(value, baseline, delta, greater) is want
+
+
+def test_pruning_start_gate_is_checked() -> None:
+    from apt_hf import APTConfig
+
+    with pytest.raises(ValueError, match="pruning_start_gate=-0.1 is invalid"):
+        APTConfig(pruning_start_gate=-0.1)
+    with pytest.raises(ValueError, match="pruning_start_gate='0.1' is invalid"):
+        APTConfig(pruning_start_gate="0.1")
+    assert APTConfig().pruning_start_gate is None  # the paper's fixed start

@@ -39,7 +39,7 @@ from .optim import apply_param_changes, drop_params
 from .pretune import calibration_batches, gather_static_salience
 from .prune import kept_after
 from .salience import ImportanceTracker, SalienceCollector
-from .schedule import Plan, adapter_budget, mask_step, resolve_plan
+from .schedule import Plan, adapter_budget, gate_opens, gated_plan, mask_step, resolve_plan
 from .search import fill_budget, search_kept, swap_to_budget
 from .tuning import adapter_size, grow_ranks, live_widths, plan_rank_growth
 
@@ -130,6 +130,10 @@ class APTCallback(TrainerCallback):
         self.resumed: dict[str, Any] = {}  # the training state the resumed checkpoint carried, by component
         self._pending: dict[str, float] = {}
         self.change_listeners: list = []  # called with the ParamChange list of every event (e.g. the teacher)
+        self.plan_listeners: list[Callable[[Plan], None]] = []  # called with the new plan when the gate moves it
+        # APTConfig.pruning_start_gate: the untrained model's dev metric and the step the window opened at.
+        self.gate_baseline: Optional[float] = None
+        self.gate_opened: Optional[int] = None
         # Set by APTTrainer's distillation: whether physical removal at the event of a given step is held back.
         self.hold_removal: Callable[[int], bool] = lambda step: False
         self.held: Optional[tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = None  # alive blocks
@@ -172,6 +176,11 @@ class APTCallback(TrainerCallback):
         self.initial_adapter_size = adapter_size(self.apt.apt_layers(), self.adapter_name)
         self.step = self.salience_step = state.global_step
         self._resume(state.global_step)
+        if cfg.pruning_start_gate is not None and cfg.adaptive_pruning:
+            self._check_gate_args(args)
+            # Until the gate opens, the plan is the one that opens at the latest step (pruning_end).
+            opened = self.gate_opened if self.gate_opened is not None else self.plan.end
+            self.plan = gated_plan(cfg, state.max_steps, opened, distill=self.self_distilling)
         if state.global_step == 0 and cfg.adaptive_pruning and self.plan.initial_density < 1.0:
             self._pretune(args, model, optimizer, kwargs.get("train_dataloader"))
         checkpoint.register(self.apt, STATE_NAME, self)
@@ -271,6 +280,13 @@ class APTCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = self.step = state.global_step
+        if (self.config.pruning_start_gate is not None and self.config.adaptive_pruning and self.gate_opened is None
+                and step >= self.plan.start):
+            self.gate_opened = self.plan.start  # the latest opening step: the plan already starts here
+            logger.warning("APT: the dev metric never beat the untrained model's by APTConfig.pruning_start_gate=%g "
+                           "before step %d (pruning_end); the pruning window opens there anyway, so the model still "
+                           "reaches its target density. The model may not be learning: check the learning rate, or "
+                           "train longer.", self.config.pruning_start_gate, self.plan.start)
         k = next((i for i, e in enumerate(self.plan.events) if e >= step), None)
         if k is None or k < self.events_done:
             return control
@@ -286,6 +302,49 @@ class APTCallback(TrainerCallback):
             control.should_log = True
         return control
 
+    # ------------------------------------------------------------------------------------------ pruning gate
+    def _check_gate_args(self, args) -> None:
+        """APTConfig.pruning_start_gate judges the dev metric against the untrained model's: it needs evaluations,
+        a metric and the evaluation at step 0."""
+        missing = [what for what, ok in (
+            ("eval_strategy='steps' (or 'epoch') with an eval_dataset", args.eval_strategy != "no"),
+            ("metric_for_best_model (e.g. 'accuracy')", args.metric_for_best_model is not None),
+            ("eval_on_start=True (the untrained model's metric is the gate's baseline)", args.eval_on_start)) if not ok]
+        if missing:
+            raise ValueError(f"APTConfig.pruning_start_gate={self.config.pruning_start_gate} opens the pruning window "
+                             "when the dev metric has moved, so TrainingArguments needs " + "; ".join(missing)
+                             + ". Set them, or pruning_start_gate=None to prune from pruning_start.")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        cfg = self.config
+        if cfg is None or cfg.pruning_start_gate is None or not cfg.adaptive_pruning or self.gate_opened is not None:
+            return control
+        name = args.metric_for_best_model
+        key = eval_metric_key(name)
+        if not metrics or key not in metrics:
+            raise ValueError(f"APTConfig.pruning_start_gate: the evaluation at step {state.global_step} has no {key!r} "
+                             f"(it has {sorted(metrics or {})}); set metric_for_best_model to one of these.")
+        step, value = state.global_step, float(metrics[key])
+        if self.gate_baseline is None:  # the evaluation at step 0 (eval_on_start)
+            self.gate_baseline = value
+            return control
+        greater = args.greater_is_better if args.greater_is_better is not None else True
+        if step < self.plan.start and gate_opens(value, self.gate_baseline, cfg.pruning_start_gate, greater):
+            planned = resolve_plan(cfg, state.max_steps, distill=self.self_distilling).start
+            self._open_gate(max(step, planned), state.max_steps)
+            logger.info("APT: the dev metric %s = %g beats the untrained model's %g by >= %g at step %d; the pruning "
+                        "window opens at step %d (events at %s).", name, value, self.gate_baseline,
+                        cfg.pruning_start_gate, step, self.gate_opened, list(self.plan.events))
+        return control
+
+    def _open_gate(self, step: int, max_steps: int) -> None:
+        """Move the plan to open at ``step`` and tell the components that follow it (the distillation schedule)."""
+        self.gate_opened = step
+        self.plan = gated_plan(self.config, max_steps, step, distill=self.self_distilling)
+        for listener in self.plan_listeners:
+            listener(self.plan)
+        self._pending["apt/pruning_start"] = float(step)
+
     @staticmethod
     def _warn_if_untrained(event: int, log_history: list[dict], metric: Optional[str]) -> None:
         """Warn when the first pruning event comes while the dev metric has not moved yet (beyond spec D)."""
@@ -294,8 +353,8 @@ class APTCallback(TrainerCallback):
             logger.warning(
                 "APT's first pruning event (step %d) comes while the dev metric %s has been %g at all %d evaluations "
                 "so far: the model may still predict a constant, and salience measured now does not reflect the task "
-                "(it can end as a constant model). Start pruning later (APTConfig.pruning_start / sparsity_warmup) "
-                "or train longer.", event, metric, constant[0], constant[1])
+                "(it can end as a constant model). Start pruning later (APTConfig.pruning_start / sparsity_warmup, or "
+                "pruning_start_gate to wait until the dev metric moves) or train longer.", event, metric, constant[0], constant[1])
 
     @contextlib.contextmanager
     def salience_paused(self) -> Iterator[None]:
@@ -475,6 +534,8 @@ class APTCallback(TrainerCallback):
             "salience_skipped": self.salience_skipped,
             "salience_step": self.salience_step,
             "held": list(self.held) if self.held is not None else None,
+            "gate_baseline": self.gate_baseline,
+            "gate_opened": self.gate_opened,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -487,6 +548,7 @@ class APTCallback(TrainerCallback):
         self.salience_step = state.get("salience_step", self.step)
         held = state.get("held")
         self.held = (list(held[0]), list(held[1]), held[2]) if held is not None else None
+        self.gate_baseline, self.gate_opened = state.get("gate_baseline"), state.get("gate_opened")
 
     def _resume(self, step: int) -> None:
         """Restore the state that came with the checkpoint the Trainer loaded (apt_hf.checkpoint)."""

@@ -34,8 +34,8 @@ _INT_FIELDS = ("r", "num_pruning_events", "mask_decay_window", "max_rank", "dist
 _REAL_FIELDS = ("lora_alpha", "lora_dropout", "target_sparsity", "pruning_start", "pruning_end", "sparsity_warmup",
                 "mask_decay", "salience_beta", "tuning_budget_ratio", "distill_end", "distill_temperature",
                 "distill_pred_weight", "distill_layer_weight", "distill_mu_max", "post_distill_lr_ratio",
-                "pretune_density")
-_OPTIONAL_FIELDS = ("mask_decay_window", "distill_end", "distill_pred_weight")  # None = derived from other fields
+                "pretune_density", "pruning_start_gate")
+_OPTIONAL_FIELDS = ("mask_decay_window", "distill_end", "distill_pred_weight", "pruning_start_gate")  # None = derived from other fields
 
 # The paper's schedule (spec D.2, D.3, F.2, H.1, H.2: RoBERTa/T5 GLUE scripts, 40 epochs): window from step 200 to
 # epoch 3 with a one-epoch sparsity warm-up, 10 events, 200-step mask-decay windows, distillation for 20 epochs
@@ -89,6 +89,14 @@ class APTConfig(PeftConfig):
             and the cubic schedule then runs from it to ``1 - target_sparsity``. 1.0 (default) switches it off;
             ``1 - target_sparsity`` prunes straight to the target before tuning.
         pretune_batches: calibration batches (of the training batch size) for pre-tuning pruning (spec H.2: 64).
+        pruning_start_gate: beyond the spec: hold the pruning window until the model has started to learn the task.
+            ``None`` (default, the paper) opens it at ``pruning_start``. A number ``delta`` opens it at the first
+            evaluation from ``pruning_start`` on whose dev metric (``TrainingArguments.metric_for_best_model``)
+            beats the untrained model's (the evaluation at step 0: ``eval_on_start=True``) by at least ``delta``,
+            e.g. 0.05 accuracy; at the latest it opens at ``pruning_end``, with a warning. The rest of the schedule
+            (window end, warm-up, ``distill_end``) moves with it and keeps its share of the steps left. Against
+            pruning a model that still predicts a constant: its salience does not reflect the task (README, issue
+            13: CoLA and STS-B).
 
     Adaptive tuning (spec E, K.5):
         adaptive_tuning: switch for rank growth (``False`` is the paper's "w/o A_T" ablation).
@@ -151,6 +159,8 @@ class APTConfig(PeftConfig):
     adaptive_pruning: bool = field(default=True, metadata={"help": "Prune (False = 'w/o A_P')."})
     pretune_density: float = field(default=1.0, metadata={"help": "Density of pre-tuning pruning (1 = off, D.6)."})
     pretune_batches: int = field(default=64, metadata={"help": "Calibration batches of pre-tuning pruning."})
+    pruning_start_gate: Optional[float] = field(
+        default=None, metadata={"help": "Open the pruning window once the dev metric beats step 0's by this much."})
     # Adaptive tuning.
     adaptive_tuning: bool = field(default=True, metadata={"help": "Grow ranks (False = 'w/o A_T')."})
     max_rank: int = field(default=64, metadata={"help": "Rank cap of any adapter."})
@@ -241,6 +251,9 @@ class APTConfig(PeftConfig):
             raise bad("pretune_density", self.pretune_density,
                       f"use a density in [1 - target_sparsity, 1] = [{1.0 - self.target_sparsity:g}, 1]; 1 switches "
                       "pre-tuning pruning off")
+        if self.pruning_start_gate is not None and self.pruning_start_gate < 0:
+            raise bad("pruning_start_gate", self.pruning_start_gate, "use a gain of the dev metric >= 0 (e.g. 0.05), "
+                      "or None to open the pruning window at pruning_start")
         if self.pretune_density < 1.0 and not self.adaptive_pruning:
             raise bad("pretune_density", self.pretune_density, "pre-tuning pruning needs adaptive_pruning=True")
         if self.pretune_batches < 1:
@@ -291,10 +304,14 @@ class APTConfig(PeftConfig):
         density targets and, when ``distillation`` is on and the trainer self-distils (``distill``: ``APTTrainer``
         does, a stock ``Trainer`` does not), the distillation window. Raises ``ValueError`` naming the setting to
         change when the schedule does not fit the run: the check ``APTCallback`` makes at train start, available
-        before a model is built."""
-        from .schedule import resolve_plan
+        before a model is built. With ``pruning_start_gate`` the plan that opens at the latest step (``pruning_end``)
+        is checked as well."""
+        from .schedule import gated_plan, resolve_plan
 
-        return resolve_plan(self, total_steps, distill)
+        plan = resolve_plan(self, total_steps, distill)
+        if self.pruning_start_gate is not None and self.adaptive_pruning:
+            gated_plan(self, total_steps, plan.end, distill)
+        return plan
 
     @property
     def scaling(self) -> float:

@@ -9,7 +9,9 @@ Every function here is pure (no model, no global state).  Steps are optimizer st
 * E.2 -- the linear adapter-parameter budget;
 * F.3 -- the distillation weight ``mu``;
 * F.2 -- the learning-rate factor of the post-distillation fine-tuning;
-* :func:`resolve_plan` -- all of the above turned into concrete steps for one run (:class:`Plan`).
+* :func:`resolve_plan` -- all of the above turned into concrete steps for one run (:class:`Plan`);
+* :func:`gated_plan`, :func:`gate_opens` -- beyond the spec: the plan moved later until the dev metric shows that the
+  model has started to learn (``APTConfig.pruning_start_gate``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ __all__ = [
     "mask_step",
     "Plan",
     "resolve_plan",
+    "gated_plan",
+    "gate_opens",
 ]
 
 # Longest automatic mask-decay window (spec D.3: the reference moves masks during the 200 steps before an event).
@@ -310,3 +314,37 @@ def resolve_plan(cfg: APTConfig, max_steps: int, distill: bool = True) -> Plan:
                          f"steps, not after the first real pruning event (step {first}), so the distillation "
                          "schedule is empty; raise distill_end or set distillation=False.")
     return replace(plan, distill_start=first + 1, distill_end=distill_end)
+
+
+def gated_plan(cfg: APTConfig, max_steps: int, open_step: int, distill: bool = True) -> Plan:
+    """The plan of a run whose pruning window opens at ``open_step`` instead of ``pruning_start`` (beyond spec D.2;
+    ``APTConfig.pruning_start_gate``). Every planned step from ``pruning_start`` on (window end, warm-up length,
+    ``distill_end``) is mapped linearly from ``[pruning_start, max_steps]`` onto ``[open_step, max_steps]``, so
+    pruning, distillation and the recovery keep their shares of the steps that are left. ``open_step`` at or before
+    the planned start gives the planned schedule."""
+    start = as_steps(cfg.pruning_start, max_steps)
+    if open_step <= start:
+        return resolve_plan(cfg, max_steps, distill)
+    if open_step >= max_steps:
+        raise ValueError(f"APT's pruning window cannot open at step {open_step} of a {max_steps}-step run.")
+    scale = Fraction(max_steps - open_step, max_steps - start)
+
+    def moved(value: Union[int, float]) -> int:
+        return open_step + int(round((as_steps(value, max_steps) - start) * scale))
+
+    changes: dict = dict(pruning_start=open_step, pruning_end=moved(cfg.pruning_end),
+                         sparsity_warmup=int(round(as_steps(cfg.sparsity_warmup, max_steps) * scale)))
+    if cfg.distill_end is not None:
+        changes["distill_end"] = moved(cfg.distill_end)
+    try:
+        return resolve_plan(replace(cfg, **changes), max_steps, distill)
+    except ValueError as err:
+        raise ValueError(f"APTConfig.pruning_start_gate: with the pruning window opening at step {open_step}, {err} "
+                         "Lower pruning_end (the latest opening step) or train longer.") from None
+
+
+def gate_opens(value: float, baseline: float, delta: float, greater_is_better: bool = True) -> bool:
+    """Whether a dev metric ``value`` beats the untrained model's ``baseline`` by at least ``delta`` (in the metric's
+    better direction): the condition of ``APTConfig.pruning_start_gate``."""
+    gain = value - baseline if greater_is_better else baseline - value
+    return gain >= delta

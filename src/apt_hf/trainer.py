@@ -26,7 +26,7 @@ from .distill import (ParamSnapshot, Teacher, alive_layers, default_pred_weight,
                       prediction_logits, prediction_loss, sample_teacher_layers)
 from .model import APTModel, find_apt_model
 from .optim import reset_state
-from .schedule import distill_mu, post_distill_lr_factor
+from .schedule import Plan, distill_mu, post_distill_lr_factor
 
 logger = logging.getLogger(__name__)
 STATE_NAME = "distillation"  # this callback's entry in the checkpoint's APT training state (apt_hf.checkpoint)
@@ -87,12 +87,9 @@ class DistillCallback(TrainerCallback):
             if cfg.distillation and cfg.adaptive_pruning:  # e.g. target_sparsity=0: no distillation phase (spec F.2)
                 logger.warning("APT distillation skipped: no pruning event has a target density below 1.")
             return control
-        self.start, self.end = plan.distill_start, plan.distill_end
-        real = [k for k, e in enumerate(plan.events) if plan.prunes(e)]
-        self.refresh_steps = {plan.windows[k] for k in real if plan.windows[k] < self.end}
-        if cfg.teacher_refresh == "never":  # only the first teacher is taken
-            self.refresh_steps = {min(self.refresh_steps, default=self.start - 1)}
-        self.last_event = plan.events[-1]
+        self._follow_plan(plan)
+        if self._follow_plan not in self.apt_callback.plan_listeners:  # APTConfig.pruning_start_gate moves the plan
+            self.apt_callback.plan_listeners.append(self._follow_plan)
         self._has_eval = self._has_eval and args.eval_strategy != "no"
         if not self._has_eval:
             logger.warning("APT distillation without evaluation: the teacher is refreshed at the start of every "
@@ -122,6 +119,16 @@ class DistillCallback(TrainerCallback):
                 "distillation on, or set APTConfig.distillation=False.")
         checkpoint.register(self.apt, STATE_NAME, self)
         return control
+
+    def _follow_plan(self, plan: Plan) -> None:
+        """Take the distillation window, teacher-refresh steps and last event from the callback's plan (spec F.1,
+        F.2); called again when the plan moves (``APTConfig.pruning_start_gate``)."""
+        self.start, self.end = plan.distill_start, plan.distill_end
+        real = [k for k, e in enumerate(plan.events) if plan.prunes(e)]
+        self.refresh_steps = {plan.windows[k] for k in real if plan.windows[k] < self.end}
+        if self.apt_callback.config.teacher_refresh == "never":  # only the first teacher is taken
+            self.refresh_steps = {min(self.refresh_steps, default=self.start - 1)}
+        self.last_event = plan.events[-1]
 
     def state_dict(self) -> dict[str, Any]:
         """Teacher and best post-pruning student (only while distillation can still use them) and the bookkeeping;
