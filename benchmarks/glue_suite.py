@@ -158,9 +158,11 @@ def plan_of(task: str, epochs: float | None = None) -> dict:
     return plan
 
 
-def variant(task: str, epochs: float | None = None) -> str:
-    """Folder and table name of a task's runs: the task itself for its planned epochs, else e.g. ``cola_10ep``."""
-    return task if epochs is None or epochs == TASKS[task]["epochs"] else f"{task}_{epochs:g}ep"
+def variant(task: str, epochs: float | None = None, tag: str | None = None) -> str:
+    """Folder and table name of a task's runs: the task itself for its planned epochs, else e.g. ``cola_10ep``; a
+    ``--tag`` (APT methods with extra flags, a diagnostic) adds ``_<tag>``, e.g. ``cola_gate005``."""
+    name = task if epochs is None or epochs == TASKS[task]["epochs"] else f"{task}_{epochs:g}ep"
+    return f"{name}_{tag}" if tag else name
 
 
 def run_args(task: str, seed: int, args: argparse.Namespace) -> argparse.Namespace:
@@ -173,8 +175,14 @@ def run_args(task: str, seed: int, args: argparse.Namespace) -> argparse.Namespa
         seed=seed, apt_args=args.apt_args, run_glue_args=COMMON_FLAGS, malloc_mmap_threshold=0)
 
 
-def result_path(task: str, method: str, seed: int, epochs: float | None = None) -> Path:
-    return SUITE / variant(task, epochs) / f"{method}_seed{seed}.json"
+def result_path(task: str, method: str, seed: int, epochs: float | None = None, tag: str | None = None) -> Path:
+    """A run's result file; under a tag only the APT methods have their own, the others are the untagged runs."""
+    return SUITE / variant(task, epochs, tag if is_apt(method) else None) / f"{method}_seed{seed}.json"
+
+
+def is_apt(method: str) -> bool:
+    """Whether ``--apt_args`` (and so a ``--tag``) applies to a method."""
+    return method.startswith("apt")
 
 
 def majority_share(task: str, glue_dir: str) -> float | None:
@@ -193,7 +201,7 @@ def write_table(task: str, seed: int, args: argparse.Namespace) -> None:
     """The per-(task, seed) table in glue_benchmark's format, from the result files present."""
     runs, epochs = {}, args.epochs
     for method in ALL_METHODS:
-        path = result_path(task, method, seed, epochs)
+        path = result_path(task, method, seed, epochs, args.tag)
         if path.exists():
             runs[method] = json.loads(path.read_text())["run"]
     if "ft" not in runs:
@@ -202,7 +210,7 @@ def write_table(task: str, seed: int, args: argparse.Namespace) -> None:
             "args": {**vars(run_args(task, seed, args)), "train_rows": train_rows_of(task), "suite": True},
             "device": "CPU, 2 cores (shared machine)",
             "metric": runs["ft"]["metric"], "majority_share": majority_share(task, args.glue_dir)}
-    gb.save(gb.RESULTS / f"glue_{variant(task, epochs)}_suite_seed{seed}", meta, runs)
+    gb.save(gb.RESULTS / f"glue_{variant(task, epochs, args.tag)}_suite_seed{seed}", meta, runs)
 
 
 def main() -> None:
@@ -221,8 +229,15 @@ def main() -> None:
                    "main comparison first; a later run without it completes the plan.")
     p.add_argument("--epochs", type=float, default=None, help="Train the tasks for this many epochs instead of their "
                    "plan's (evaluation interval scaled to match); results go to <task>_<N>ep, apart from the plan's.")
+    p.add_argument("--tag", default=None, help="Run only the APT methods, with --apt_args, into <task>_<tag> and its "
+                   "own table (a diagnostic apart from the plan's results); the plan's FT and LoRA runs are its "
+                   "reference.")
     p.add_argument("--estimate", action="store_true", help="Print the planned runs' estimated CPU time and exit.")
     args = p.parse_args()
+    if args.tag is not None and (not args.apt_args or not args.tag.replace("_", "").isalnum()
+                                 or args.tag != args.tag.lower()):
+        p.error(f"--tag {args.tag!r} needs --apt_args (the flags that set the tagged runs apart) and a name of "
+                "lower-case letters, digits and _")
     tasks = args.tasks.split(",")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -234,15 +249,20 @@ def main() -> None:
     if args.estimate:
         print(estimate(tasks, args.batch_size, args.epochs))
         return
-    for task, seed, method in planned_runs(tasks, seeds):
-        if methods is not None and method not in methods:
+    plan = planned_runs(tasks, seeds)
+    if methods is not None and methods - {m for _, _, m in plan}:
+        p.error(f"method(s) {sorted(methods - {m for _, _, m in plan})} are not planned for tasks {tasks} at seeds "
+                f"{list(seeds)} (ablations and selection candidates run at seed {ABLATION_SEED}, the candidates on "
+                f"{', '.join(SELECTION_TASKS)} only)")
+    for task, seed, method in plan:
+        if (methods is not None and method not in methods) or (args.tag is not None and not is_apt(method)):
             continue
-        path = result_path(task, method, seed, args.epochs)
+        path = result_path(task, method, seed, args.epochs, args.tag)
         if path.exists():
             print(f"== {task} {method} seed {seed}: done ({path})", flush=True)
             continue
         print(f"== {task} {method} seed {seed}", flush=True)
-        out = Path(args.out) / variant(task, args.epochs) / f"seed{seed}"
+        out = Path(args.out) / variant(task, args.epochs, args.tag) / f"seed{seed}"
         out.mkdir(parents=True, exist_ok=True)
         run = gb.run_method(method, run_args(task, seed, args), out)
         run = {k: v for k, v in run.items() if k != "eval_metrics"}

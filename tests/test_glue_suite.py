@@ -131,6 +131,45 @@ def test_longer_runs_keep_their_own_results_and_evaluation_count(suite, tmp_path
     assert suite.variant("cola", plan["epochs"]) == "cola"  # the plan's own epochs are the plan's results
 
 
+def test_tagged_runs_take_the_apt_flags_and_the_plans_reference(suite, tmp_path, monkeypatch):
+    """``--tag`` runs only the APT methods, with ``--apt_args``, into ``suite/<task>_<tag>`` and its own table, whose
+    FT row is the plan's own FT run; the plan's APT results are neither read nor skipped."""
+    monkeypatch.setattr(suite, "SUITE", tmp_path / "suite")
+    for method, best in (("ft", 0.30), ("apt", 0.0)):
+        done = tmp_path / "suite" / "cola" / f"{method}_seed42.json"
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps({"meta": {}, "run": _fake_run(best, best)}))
+    calls = []
+
+    def fake(method, args, out):
+        calls.append((method, args.apt_args, out))
+        return {**_fake_run(0.2, 0.2, events=(5,), density=0.4), "eval_metrics": {}}
+
+    monkeypatch.setattr(suite.gb, "run_method", fake)
+    monkeypatch.setattr(sys, "argv", ["glue_suite.py", "--tasks", "cola", "--seeds", "42", "--methods", "ft,apt",
+                                      "--apt_args", "--pruning_start_gate 0.05", "--tag", "gate005",
+                                      "--out", str(tmp_path / "runs")])
+    suite.main()
+    assert calls == [("apt", "--pruning_start_gate 0.05", tmp_path / "runs" / "cola_gate005" / "seed42")]
+    assert (tmp_path / "suite" / "cola_gate005" / "apt_seed42.json").exists()
+    rows = {r["method"]: r for r in json.loads((tmp_path / "glue_cola_gate005_suite_seed42.json").read_text())["table"]}
+    assert rows["ft"]["best_metric"] == 0.30 and rows["apt"]["best_vs_ft"] == pytest.approx(0.2 / 0.3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tag", "gate005"], "--tag 'gate005' needs --apt_args"),
+    (["--tag", "Gate 5", "--apt_args", "--pruning_start_gate 0.05"], "lower-case letters"),
+    (["--methods", "apt_mu_half", "--tasks", "cola"], "not planned for tasks ['cola']"),
+    (["--methods", "lora_prune", "--seeds", "43"], "run at seed 42"),
+])
+def test_bad_suite_flags_are_named(suite, monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(sys, "argv", ["glue_suite.py", *argv])
+    monkeypatch.setattr(suite.gb, "run_method", lambda *a: pytest.fail("nothing may run"))
+    with pytest.raises(SystemExit) as exit_info:
+        suite.main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_suite_table_means_over_seeds_and_flags_constant_models(suite, tmp_path, monkeypatch):
     make_table = _load("make_table")
     monkeypatch.setattr(make_table, "RESULTS", tmp_path)
