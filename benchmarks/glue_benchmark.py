@@ -54,6 +54,10 @@ METHODS: dict[str, list[str]] = {
     # model evaluated so far (issue 13's diagnosis: early teachers at chance; a candidate for the default of
     # APTConfig.teacher_refresh)
     "apt_teacher_eval": ["--method", "apt", "--distillation", "True", "--teacher_refresh", "eval"],
+    # APT that does not distil in a step whose teacher gives the whole batch one answer (issue 13's diagnosis: the
+    # first teacher is often a constant model, and the distilled student collapses to it; a candidate for the default
+    # of APTConfig.skip_constant_teacher)
+    "apt_skip_constant": ["--method", "apt", "--distillation", "True", "--skip_constant_teacher", "True"],
 }
 
 

@@ -42,9 +42,11 @@ ABLATION_SEED = 42
 # metric after the last pruning event on both tasks (it did); mu's cap 0.5 (``apt_mu_half``) becomes the default of
 # ``APTConfig.distill_mu_max`` if it beats ``apt`` in the same way on both tasks (it lost on SST-2); the teacher
 # refreshed at every better evaluation (``apt_teacher_eval``) makes ``"eval"`` the default of
-# ``APTConfig.teacher_refresh`` under the same rule, otherwise spec F.1's ``"window"`` stays (it lost on MRPC).
+# ``APTConfig.teacher_refresh`` under the same rule, otherwise spec F.1's ``"window"`` stays (it lost on MRPC). No
+# distillation from a teacher that gives the batch one answer (``apt_skip_constant``) makes
+# ``APTConfig.skip_constant_teacher`` default to True under the same rule (rule fixed before its runs).
 SELECTION_TASKS = ("sst2", "mrpc")
-SELECTION = ("apt_recovery_lr01", "apt_recovery_lr1", "apt_mu_half", "apt_teacher_eval")
+SELECTION = ("apt_recovery_lr01", "apt_recovery_lr1", "apt_mu_half", "apt_teacher_eval", "apt_skip_constant")
 ALL_METHODS = MAIN_METHODS + ABLATIONS + SELECTION
 COMMON_FLAGS = "--train_sampling_strategy group_by_length"
 

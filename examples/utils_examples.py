@@ -92,6 +92,9 @@ class APTArguments:
                                                                    "if the dev metric beats the teacher's), eval (at "
                                                                    "any such evaluation while distilling), never or "
                                                                    "latest")
+    skip_constant_teacher: Optional[bool] = _apt_field("skip_constant_teacher", "No distillation in a step whose "
+                                                                             "teacher gives the whole batch one "
+                                                                             "answer (beyond the paper)")
     pruning_start_gate: Optional[float] = _apt_field("pruning_start_gate", "Open the pruning window only once the "
                                                                          "dev metric beats the untrained model's "
                                                                          "(step 0) by this much, at the latest at "

@@ -870,3 +870,31 @@ def test_run_stopped_while_removal_is_held_ends_pruned(tmp_path):
     assert tr.apt_callback.held is None
     assert [s.num_heads for s in apt.layout.attentions] == [int((m > 0).sum()) for m in apt.masks.heads]
     assert [f.num_neurons for f in apt.layout.ffns] == [int((m > 0).sum()) for m in apt.masks.neurons]
+
+
+# ================================================================================================ constant teachers
+@pytest.mark.parametrize("logits, want", [
+    (torch.tensor([[2.0, 1.0], [3.0, -1.0], [0.5, 0.4]]), True),  # class 0 for every example
+    (torch.tensor([[2.0, 1.0], [1.0, 3.0], [0.5, 0.4]]), False),
+    (torch.tensor([[0.7], [0.7], [0.7]]), True),  # regression: one score
+    (torch.tensor([[0.7], [0.9], [0.7]]), False),
+    (torch.tensor([[2.0, 1.0]]), False),  # one example says nothing
+    (torch.zeros(2, 3, 5), False),  # per-token logits are not judged
+])
+def test_gives_one_answer(logits, want):
+    assert apt_hf.distill.gives_one_answer(logits) is want
+
+
+@pytest.mark.parametrize("constant", [True, False])
+def test_skip_constant_teacher_leaves_only_the_task_loss(constant, tmp_path, monkeypatch):
+    """APTConfig.skip_constant_teacher: a step whose teacher gives the batch one answer takes mu = 0 (the task loss
+    alone) and logs apt/teacher_one_answer = 1; otherwise mu follows its ramp."""
+    monkeypatch.setattr(apt_hf.trainer, "gives_one_answer", lambda logits: constant)
+    tr, _, _ = train("bert", tmp_path, skip_constant_teacher=True)
+    distill = [h for h in train_logs(tr) if "apt/mu" in h]
+    assert distill and all(h["apt/teacher_one_answer"] == float(constant) for h in distill)
+    for h in distill:
+        ramp = distill_mu(h["step"], start=SCHEDULE["pruning_start"], end=SCHEDULE["pruning_end"])
+        assert h["apt/mu"] == (0.0 if constant else pytest.approx(ramp, abs=1e-9))
+        if constant:
+            assert h["loss"] == pytest.approx(h["loss_task"], rel=1e-5, abs=1e-7)

@@ -38,14 +38,15 @@ def _fake_run(final: float, best: float, events=(), density: float = 1.0) -> dic
 
 def test_planned_runs(suite):
     runs = suite.planned_runs(["sst2", "mrpc", "rte"])
-    assert len(runs) == 2 * (3 * 4 + 3 + 4) + (3 * 4 + 3)
+    assert len(runs) == 2 * (3 * 4 + 3 + 5) + (3 * 4 + 3)
     for task in ("sst2", "mrpc", "rte"):
         for seed in (42, 43, 44):
             methods = [m for t, s, m in runs if t == task and s == seed]
             assert methods[0] == "ft" and set(methods) >= {"ft", "lora", "apt", "apt_wo_DS"}
             assert ({"lora_prune", "apt_wo_AT", "apt_wo_AP"} <= set(methods)) == (seed == 42)
             # the candidate settings run only where settings are chosen
-            candidates = {"apt_recovery_lr01", "apt_recovery_lr1", "apt_mu_half", "apt_teacher_eval"}
+            candidates = {"apt_recovery_lr01", "apt_recovery_lr1", "apt_mu_half", "apt_teacher_eval",
+                          "apt_skip_constant"}
             assert (candidates <= set(methods)) == (seed == 42 and task != "rte")
             assert candidates & set(methods) in (set(), candidates)
 
@@ -96,7 +97,8 @@ def test_resumes_by_skipping_finished_runs(suite, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["glue_suite.py", "--tasks", "mrpc", "--seeds", "42", "--out", str(tmp_path)])
     suite.main()
     assert [c[0] for c in calls] == ["lora", "apt", "apt_wo_DS", "lora_prune", "apt_wo_AT", "apt_wo_AP",
-                                     "apt_recovery_lr01", "apt_recovery_lr1", "apt_mu_half", "apt_teacher_eval"]
+                                     "apt_recovery_lr01", "apt_recovery_lr1", "apt_mu_half", "apt_teacher_eval",
+                                     "apt_skip_constant"]
     assert all(c[2] == suite.TASKS["mrpc"]["epochs"] for c in calls)
     assert all("--train_sampling_strategy group_by_length" in c[3] for c in calls)
     table = json.loads((tmp_path / "glue_mrpc_suite_seed42.json").read_text())

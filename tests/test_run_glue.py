@@ -228,10 +228,10 @@ def test_apt_options_left_out_take_aptconfig_defaults(run_glue):
     assert config.to_dict() == defaults.to_dict()
     changed = run_glue.build_apt_config(run_glue.APTArguments(pruning_end="300", distillation=False,
                                                               num_pruning_events=3, teacher_refresh="eval",
-                                                              pruning_start_gate=0.05),
+                                                              pruning_start_gate=0.05, skip_constant_teacher=True),
                                         run_glue.MethodArguments(), 376)
     assert (changed.pruning_end, changed.distillation, changed.num_pruning_events) == (300, False, 3)
-    assert changed.teacher_refresh == "eval" and changed.pruning_start_gate == 0.05
+    assert changed.teacher_refresh == "eval" and changed.pruning_start_gate == 0.05 and changed.skip_constant_teacher
 
 
 def test_unknown_teacher_refresh_names_the_choices(run_glue):

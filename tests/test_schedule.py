@@ -331,3 +331,5 @@ def test_pruning_start_gate_is_checked() -> None:
     with pytest.raises(ValueError, match="pruning_start_gate='0.1' is invalid"):
         APTConfig(pruning_start_gate="0.1")
     assert APTConfig().pruning_start_gate is None  # the paper's fixed start
+    with pytest.raises(ValueError, match="skip_constant_teacher='yes' is invalid: use True or False"):
+        APTConfig(skip_constant_teacher="yes")

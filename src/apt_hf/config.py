@@ -131,6 +131,11 @@ class APTConfig(PeftConfig):
             teacher is always the best model evaluated so far; ``"never"``: the first teacher (the dense model at
             the first window) is kept; ``"latest"``: at every window start, whatever the metric (what runs without
             evaluation data do).
+        skip_constant_teacher: beyond the spec: in a training step whose teacher gives every example of the batch the
+            same class (or the same score), the student takes only the task loss (``mu = 0``; logged as
+            ``apt/teacher_one_answer``). Default False (the paper). Against the collapse found in the README's
+            benchmark (issue 13): a first teacher taken while the model still predicts the majority class is kept
+            (its score is hard to beat early), and distilling from it pulls the student to a constant model.
     """
 
     r: int = field(default=8, metadata={"help": "Initial adapter rank."})
@@ -178,6 +183,8 @@ class APTConfig(PeftConfig):
     post_distill_lr_ratio: float = field(default=1.0, metadata={"help": "LR factor after distillation (F.2: 0.1)."})
     teacher_refresh: str = field(default="window", metadata={"help": "When the teacher is refreshed: window (spec "
                                                                       "F.1), eval, never or latest."})
+    skip_constant_teacher: bool = field(default=False, metadata={"help": "No distillation in a step whose teacher "
+                                                                         "gives the whole batch one answer."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -251,6 +258,8 @@ class APTConfig(PeftConfig):
             raise bad("pretune_density", self.pretune_density,
                       f"use a density in [1 - target_sparsity, 1] = [{1.0 - self.target_sparsity:g}, 1]; 1 switches "
                       "pre-tuning pruning off")
+        if not isinstance(self.skip_constant_teacher, bool):
+            raise bad("skip_constant_teacher", self.skip_constant_teacher, "use True or False")
         if self.pruning_start_gate is not None and self.pruning_start_gate < 0:
             raise bad("pruning_start_gate", self.pruning_start_gate, "use a gain of the dev metric >= 0 (e.g. 0.05), "
                       "or None to open the pruning window at pruning_start")

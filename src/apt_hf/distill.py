@@ -55,6 +55,18 @@ def prediction_logits(output) -> list[torch.Tensor]:
                      "prediction-distillation loss cannot compare it (set APTConfig.distill_pred_weight=0).")
 
 
+def gives_one_answer(logits: torch.Tensor, tolerance: float = 1e-6) -> bool:
+    """Whether a batch of sequence-level outputs is a constant prediction (beyond spec F.1,
+    ``APTConfig.skip_constant_teacher``): every example gets the same class (``[batch, classes]``) or the same score
+    (regression, ``[batch, 1]``). Per-token logits (``[batch, tokens, vocab]``) and a batch of one are never judged."""
+    if logits.dim() != 2 or logits.shape[0] < 2:
+        return False
+    if logits.shape[1] == 1:
+        return bool((logits.max() - logits.min()).abs() <= tolerance)
+    answers = logits.argmax(dim=-1)
+    return bool((answers == answers[0]).all())
+
+
 def next_token_mask(labels: torch.Tensor) -> torch.Tensor:
     """Positions of causal-LM logits that predict a target token: position ``i`` predicts label ``i + 1``, so the
     mask is ``labels[:, 1:] != -100`` shifted left by one (the last position predicts nothing)."""
@@ -297,5 +309,6 @@ def default_pred_weight(task: str) -> float:
     return 0.1 if task in ("SEQ_2_SEQ_LM", "CAUSAL_LM") else 1.0
 
 
-__all__ = ["ParamSnapshot", "Teacher", "alive_layers", "default_pred_weight", "layer_candidates", "layer_loss",
+__all__ = ["ParamSnapshot", "Teacher", "alive_layers", "default_pred_weight", "gives_one_answer", "layer_candidates",
+           "layer_loss",
            "make_transform", "next_token_mask", "prediction_logits", "prediction_loss", "sample_teacher_layers"]

@@ -22,8 +22,8 @@ from transformers import Trainer, TrainerCallback
 
 from . import checkpoint, distributed
 from .callback import APTCallback, eval_metric_key, is_training_log
-from .distill import (ParamSnapshot, Teacher, alive_layers, default_pred_weight, layer_loss, next_token_mask,
-                      prediction_logits, prediction_loss, sample_teacher_layers)
+from .distill import (ParamSnapshot, Teacher, alive_layers, default_pred_weight, gives_one_answer, layer_loss,
+                      next_token_mask, prediction_logits, prediction_loss, sample_teacher_layers)
 from .model import APTModel, find_apt_model
 from .optim import reset_state
 from .schedule import Plan, distill_mu, post_distill_lr_factor
@@ -373,8 +373,13 @@ class APTTrainer(Trainer):
         a_pred = cfg.distill_pred_weight if cfg.distill_pred_weight is not None else default_pred_weight(
             cfg.task_type)
         mu = distill_mu(step, start=plan.start, end=plan.end, cap=cfg.distill_mu_max)
+        logs = {}
+        if cfg.skip_constant_teacher:  # no distillation from a teacher that gives this whole batch one answer
+            constant = gives_one_answer(prediction_logits(teacher)[0].detach())
+            mu, logs["apt/teacher_one_answer"] = (0.0 if constant else mu), float(constant)
         loss = mu * (a_pred * pred + cfg.distill_layer_weight * layer) + (1 - mu) * task
-        for key, value in (("apt/mu", mu), ("loss_task", task), ("loss_pred", pred), ("loss_layer", layer)):
+        logs.update({"apt/mu": mu, "loss_task": task, "loss_pred": pred, "loss_layer": layer})
+        for key, value in logs.items():
             self._distill_logs.setdefault(key, []).append(float(value.detach() if torch.is_tensor(value) else value))
         return (loss, student) if return_outputs else loss
 
