@@ -96,7 +96,8 @@ class APTConfig(PeftConfig):
             e.g. 0.05 accuracy; at the latest it opens at ``pruning_end``, with a warning. The rest of the schedule
             (window end, warm-up, ``distill_end``) moves with it and keeps its share of the steps left. Against
             pruning a model that still predicts a constant: its salience does not reflect the task (README, issue
-            13: CoLA and STS-B).
+            13: CoLA and STS-B). A CoLA diagnostic (README) did not help: an untrained head can score below a
+            constant model, and at 3 epochs the adapters had not learned by the latest opening.
 
     Adaptive tuning (spec E, K.5):
         adaptive_tuning: switch for rank growth (``False`` is the paper's "w/o A_T" ablation).
