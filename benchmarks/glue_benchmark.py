@@ -61,6 +61,11 @@ METHODS: dict[str, list[str]] = {
 }
 
 
+def is_apt(name: str) -> bool:
+    """Whether a method is one of APT's variants, which take ``--apt_args``."""
+    return name.startswith("apt")
+
+
 def run_glue_command(name: str, args: argparse.Namespace, out: Path) -> list[str]:
     """The ``examples/run_glue.py`` command line of one method in this benchmark's setting."""
     lr = args.ft_lr if name == "ft" else args.adapter_lr
@@ -75,7 +80,7 @@ def run_glue_command(name: str, args: argparse.Namespace, out: Path) -> list[str
            "--export_dir", str(out / name / "export"), "--overwrite_export", "True",
            "--speed_repeats", str(args.speed_repeats), "--speed_batch_size", "32", "--speed_seq_length", "128"]
     cmd += shlex.split(getattr(args, "run_glue_args", ""))  # every method (glue_suite.py)
-    if name.startswith("apt"):
+    if is_apt(name):
         cmd += shlex.split(args.apt_args)
     return cmd
 

@@ -179,12 +179,7 @@ def run_args(task: str, seed: int, args: argparse.Namespace) -> argparse.Namespa
 
 def result_path(task: str, method: str, seed: int, epochs: float | None = None, tag: str | None = None) -> Path:
     """A run's result file; under a tag only the APT methods have their own, the others are the untagged runs."""
-    return SUITE / variant(task, epochs, tag if is_apt(method) else None) / f"{method}_seed{seed}.json"
-
-
-def is_apt(method: str) -> bool:
-    """Whether ``--apt_args`` (and so a ``--tag``) applies to a method."""
-    return method.startswith("apt")
+    return SUITE / variant(task, epochs, tag if gb.is_apt(method) else None) / f"{method}_seed{seed}.json"
 
 
 def majority_share(task: str, glue_dir: str) -> float | None:
@@ -257,7 +252,7 @@ def main() -> None:
                 f"{list(seeds)} (ablations and selection candidates run at seed {ABLATION_SEED}, the candidates on "
                 f"{', '.join(SELECTION_TASKS)} only)")
     for task, seed, method in plan:
-        if (methods is not None and method not in methods) or (args.tag is not None and not is_apt(method)):
+        if (methods is not None and method not in methods) or (args.tag is not None and not gb.is_apt(method)):
             continue
         path = result_path(task, method, seed, args.epochs, args.tag)
         if path.exists():

@@ -39,7 +39,7 @@ from .optim import apply_param_changes, drop_params
 from .pretune import calibration_batches, gather_static_salience
 from .prune import kept_after
 from .salience import ImportanceTracker, SalienceCollector
-from .schedule import Plan, adapter_budget, gate_opens, gated_plan, mask_step, resolve_plan
+from .schedule import Plan, adapter_budget, as_steps, gate_opens, gated_plan, mask_step, resolve_plan
 from .search import fill_budget, search_kept, swap_to_budget
 from .tuning import adapter_size, grow_ranks, live_widths, plan_rank_growth
 
@@ -330,8 +330,7 @@ class APTCallback(TrainerCallback):
             return control
         greater = args.greater_is_better if args.greater_is_better is not None else True
         if step < self.plan.start and gate_opens(value, self.gate_baseline, cfg.pruning_start_gate, greater):
-            planned = resolve_plan(cfg, state.max_steps, distill=self.self_distilling).start
-            self._open_gate(max(step, planned), state.max_steps)
+            self._open_gate(max(step, as_steps(cfg.pruning_start, state.max_steps)), state.max_steps)
             logger.info("APT: the dev metric %s = %g beats the untrained model's %g by >= %g at step %d; the pruning "
                         "window opens at step %d (events at %s).", name, value, self.gate_baseline,
                         cfg.pruning_start_gate, step, self.gate_opened, list(self.plan.events))

@@ -310,5 +310,5 @@ def default_pred_weight(task: str) -> float:
 
 
 __all__ = ["ParamSnapshot", "Teacher", "alive_layers", "default_pred_weight", "gives_one_answer", "layer_candidates",
-           "layer_loss",
-           "make_transform", "next_token_mask", "prediction_logits", "prediction_loss", "sample_teacher_layers"]
+           "layer_loss", "make_transform", "next_token_mask", "prediction_logits", "prediction_loss",
+           "sample_teacher_layers"]
