@@ -58,6 +58,9 @@ METHODS: dict[str, list[str]] = {
     # first teacher is often a constant model, and the distilled student collapses to it; a candidate for the default
     # of APTConfig.skip_constant_teacher)
     "apt_skip_constant": ["--method", "apt", "--distillation", "True", "--skip_constant_teacher", "True"],
+    # APT distilling from spec F.1's teacher whatever it answers: APTConfig's default until skip_constant_teacher was
+    # chosen (issue 13), so the suite's APT runs made before that are this method's
+    "apt_spec_teacher": ["--method", "apt", "--distillation", "True", "--skip_constant_teacher", "False"],
 }
 
 

@@ -38,11 +38,11 @@ def _fake_run(final: float, best: float, events=(), density: float = 1.0) -> dic
 
 def test_planned_runs(suite):
     runs = suite.planned_runs(["sst2", "mrpc", "rte"])
-    assert len(runs) == 2 * (3 * 4 + 3 + 5 + 1) + (3 * 4 + 3)
+    assert len(runs) == 2 * (3 * 5 + 3 + 5 + 1) + (3 * 5 + 3)
     for task in ("sst2", "mrpc", "rte"):
         for seed in (42, 43, 44):
             methods = [m for t, s, m in runs if t == task and s == seed]
-            assert methods[0] == "ft" and set(methods) >= {"ft", "lora", "apt", "apt_wo_DS"}
+            assert methods[0] == "ft" and set(methods) >= {"ft", "lora", "apt", "apt_wo_DS", "apt_spec_teacher"}
             assert ({"lora_prune", "apt_wo_AT", "apt_wo_AP"} <= set(methods)) == (seed == 42)
             # the candidate settings run only where settings are chosen
             candidates = {"apt_recovery_lr01", "apt_recovery_lr1", "apt_mu_half", "apt_teacher_eval",
@@ -98,7 +98,8 @@ def test_resumes_by_skipping_finished_runs(suite, tmp_path, monkeypatch):
     monkeypatch.setattr(suite.gb, "run_method", fake)
     monkeypatch.setattr(sys, "argv", ["glue_suite.py", "--tasks", "mrpc", "--seeds", "42", "--out", str(tmp_path)])
     suite.main()
-    assert [c[0] for c in calls] == ["lora", "apt", "apt_wo_DS", "lora_prune", "apt_wo_AT", "apt_wo_AP",
+    assert [c[0] for c in calls] == ["lora", "apt", "apt_wo_DS", "apt_spec_teacher", "lora_prune", "apt_wo_AT",
+                                     "apt_wo_AP",
                                      "apt_recovery_lr01", "apt_recovery_lr1", "apt_mu_half", "apt_teacher_eval",
                                      "apt_skip_constant"]
     assert all(c[2] == suite.TASKS["mrpc"]["epochs"] for c in calls)
@@ -109,6 +110,21 @@ def test_resumes_by_skipping_finished_runs(suite, tmp_path, monkeypatch):
     calls.clear()
     suite.main()  # everything is done now: nothing runs again
     assert calls == []
+
+
+def test_tables_are_rewritten_from_the_files_present(suite, tmp_path, monkeypatch):
+    """``--tables`` runs nothing and rebuilds each (task, seed) table from the result files there, e.g. after a run
+    was renamed; the table names the command that reruns its plan."""
+    for method, best in (("ft", 0.82), ("apt_spec_teacher", 0.70)):
+        path = suite.result_path("mrpc", method, 43)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"meta": {}, "run": _fake_run(best, best)}))
+    monkeypatch.setattr(suite.gb, "run_method", lambda *a: pytest.fail("--tables must not run anything"))
+    monkeypatch.setattr(sys, "argv", ["glue_suite.py", "--tasks", "mrpc", "--seeds", "43", "--tables"])
+    suite.main()
+    table = json.loads((tmp_path / "glue_mrpc_suite_seed43.json").read_text())
+    assert [r["method"] for r in table["table"]] == ["ft", "apt_spec_teacher"]
+    assert table["meta"]["command"] == "python benchmarks/glue_suite.py --tasks mrpc --seeds 43"
 
 
 def test_longer_runs_keep_their_own_results_and_evaluation_count(suite, tmp_path, monkeypatch):

@@ -280,6 +280,10 @@ def test_paper_preset_reproduces_the_reference_schedule() -> None:
     assert cfg.post_distill_lr_ratio == APTConfig.paper_preset().post_distill_lr_ratio == 0.1
     assert APTConfig().post_distill_lr_ratio == 1.0
     assert APTConfig.paper_preset(post_distill_lr_ratio=0.5).post_distill_lr_ratio == 0.5
+    # spec F.1 distils from its teacher whatever it answers; the default skips a teacher that gives a batch one answer
+    # (chosen on SST-2 and MRPC, README)
+    assert cfg.skip_constant_teacher is APTConfig.paper_preset().skip_constant_teacher is False
+    assert APTConfig().skip_constant_teacher is True
     fewer = APTConfig.paper_preset(num_pruning_events=4, steps_per_epoch=E)  # overrides shape the distillation too
     first = fewer.resolve_schedule(40 * E).first_real_event
     assert fewer.num_pruning_events == 4 and first == 3257 and fewer.distill_end == first + 1 + 20 * E
