@@ -260,7 +260,8 @@ def main() -> None:
     if args.tables:
         for task in tasks:
             for seed in seeds:
-                flags = ["--tasks", task, "--seeds", str(seed)] + (["--epochs", f"{args.epochs:g}"] if args.epochs else [])
+                flags = ["--tasks", task, "--seeds", str(seed)]
+                flags += ["--epochs", f"{args.epochs:g}"] if args.epochs else []
                 flags += ["--apt_args", args.apt_args, "--tag", args.tag] if args.tag else []
                 write_table(task, seed, args, command=shlex.join(["python", "benchmarks/glue_suite.py", *flags]))
         return

@@ -292,7 +292,8 @@ class APTConfig(PeftConfig):
         steps from the step after the first real pruning event (SST-2, E = 2105: events 811 ... 6315, distillation
         steps 2647-44747), the recovery after distillation peaks at 0.1x the learning rate
         (``post_distill_lr_ratio``), and the student distils from a teacher that gives a batch one answer too
-        (``skip_constant_teacher=False``). Every other field keeps its default (the paper's values too) unless ``overrides``
+        (``skip_constant_teacher=False``).
+        Every other field keeps its default (the paper's values too) unless ``overrides``
         name it.
         The paper trains 40 epochs; a run shorter than about 21 epochs cannot fit this schedule (use the defaults).
         """
