@@ -251,8 +251,10 @@ def fill_budget(
     remaining blocks by descending density and keeps every one whose exact extra cost (``count_model``'s B.3
     terms, updated incrementally) still fits. In grouped-query layers the unit is a *row*: one more query head in
     every surviving key/value group (its best remaining head), so the group rule keeps holding; rows of a layer
-    are taken in order. Blocks not in ``allowed`` (e.g. held back while distilling) are never added. The result
-    never exceeds ``budget``.
+    are taken in order. A key/value group with no kept head can also come back whole (its key/value head and as
+    many query heads as each surviving group keeps, its best ones; one where none survives), before any row of its
+    layer is taken; the fill then runs again with the new groups. Blocks not in ``allowed`` (e.g. held back while
+    distilling) are never added. The result never exceeds ``budget``.
 
     Raises:
         ValueError: on NaN/inf densities (naming the block type) or a NaN budget.
@@ -276,12 +278,21 @@ def fill_budget(
     per_dim = float(cm.hidden_cost(heads, neurons))
     candidates: list[tuple[float, str, int, int]] = []
     rows: dict[tuple[int, int], list[int]] = {}
+    revive: dict[tuple[int, int], list[int]] = {}
     for l, (k, t, dens) in enumerate(zip(heads, taken[0], densities[0])):
         g = cm.group_size[l]
         if g == 1:
             candidates += [(float(dens[j]), "h", l, j) for j in torch.nonzero(~t).flatten().tolist()]
             continue
-        alive = torch.nonzero(kv_heads_kept(k, g)).flatten().tolist()
+        live = kv_heads_kept(k, g)
+        alive = torch.nonzero(live).flatten().tolist()
+        size = int(heads_by_group(k, g)[alive[0]].sum()) if alive else 1
+        for grp in torch.nonzero(~live).flatten().tolist():
+            free = torch.nonzero(~heads_by_group(t, g)[grp]).flatten()
+            if len(free) >= size:
+                best = free[torch.argsort(heads_by_group(dens, g)[grp][free], descending=True, stable=True)][:size]
+                revive[(l, grp)] = [grp * g + int(j) for j in best]
+                candidates.append((float(sum(float(dens[j]) for j in revive[(l, grp)]) / size), "v", l, grp))
         if not alive:
             continue
         per_group = []
@@ -296,12 +307,17 @@ def fill_budget(
         candidates += [(float(dens[j]), "n", f, j) for j in torch.nonzero(~t).flatten().tolist()]
     candidates += [(float(densities[2][j]), "d", 0, j) for j in torch.nonzero(~taken[2]).flatten().tolist()]
     candidates.sort(key=lambda c: -c[0])
-    next_row = {l: 0 for l in range(len(heads))}
+    next_row = {l: 0 for l in range(len(heads))}  # -1: a group came back, the layer's rows no longer hold
+    revived = False
     for _, kind, l, j in candidates:
         if kind == "r":
             if j != next_row[l]:
                 continue
             delta, grow = cm.query_heads_cost(l, d, len(rows[(l, j)]), kv=False)
+        elif kind == "v":
+            if next_row[l] > 0:  # a row was taken: the surviving groups keep more heads than this revival has
+                continue
+            delta, grow = _block_cost(cm, "v", l, d, per_dim, len(revive[(l, j)]))
         else:
             delta, grow = _block_cost(cm, kind, l, d, per_dim)
         if total + delta > budget:
@@ -311,6 +327,9 @@ def fill_budget(
         if kind == "r":
             heads[l][rows[(l, j)]] = True
             next_row[l] += 1
+        elif kind == "v":
+            heads[l][revive[(l, j)]] = True
+            next_row[l], revived = -1, True
         elif kind == "h":
             heads[l][j] = True
         elif kind == "n":
@@ -318,17 +337,23 @@ def fill_budget(
         else:
             hidden[j] = True
             d += 1
+    if revived:  # rows of the layers with a revived group, now over the new set of groups
+        return fill_budget(cm, (heads, neurons, hidden), densities, budget, allowed)
     return heads, neurons, hidden
 
 
 def _block_cost(cm, kind: str, l: int, d: int, per_dim: float, size: int = 1) -> tuple[float, float]:
-    """Parameters of one head (of a layer without key/value sharing), grouped-query row (``size`` heads), neuron or
-    hidden dimension at width ``d``, and how much it adds to the cost of one hidden dimension (spec B.3, the terms
-    of ``CountModel.count``)."""
+    """Parameters of one head (of a layer without key/value sharing), grouped-query row (``size`` heads), revived
+    key/value group (``size`` query heads), neuron or hidden dimension at width ``d``, and how much it adds to the
+    cost of one hidden dimension (spec B.3, the terms of ``CountModel.count``)."""
     if kind == "h":
         return cm.query_heads_cost(l, d)
     if kind == "r":  # a row of a grouped-query layer: one query head (q and o) in each of ``size`` live groups
         return cm.query_heads_cost(l, d, size, kv=False)
+    if kind == "v":  # a key/value group brought back: its key/value head and ``size`` query heads
+        (q, q_grow), (one, one_grow), (bare, bare_grow) = (cm.query_heads_cost(l, d, size, kv=False),
+                                                           cm.query_heads_cost(l, d), cm.query_heads_cost(l, d, kv=False))
+        return q + one - bare, q_grow + one_grow - bare_grow
     if kind == "n":
         return cm.ffn_mats[l] * d + cm.ffn_in_bias[l], cm.ffn_mats[l]
     return per_dim, 0.0
@@ -353,7 +378,7 @@ def swap_to_budget(
     ``kept`` unchanged. In grouped-query layers the unit is a row, as in :func:`fill_budget`: taking one back adds
     the best remaining query head of every live key/value group (when each has one), dropping one removes the least
     dense kept head of every group (when each keeps two or more, so no group dies); a row's density is the mean of
-    its heads'. Blocks not in ``allowed`` (e.g. held back while distilling) are never touched. The result never
+    its heads'. A dead key/value group can be taken back whole, as in :func:`fill_budget`. Blocks not in ``allowed`` (e.g. held back while distilling) are never touched. The result never
     exceeds ``budget``.
     """
     cm = count_model
@@ -383,7 +408,7 @@ def swap_to_budget(
         for blk in in_blocks:
             if t <= budget:
                 break
-            if blk[1] == "r" and blk[2] == l and kind == "r":  # rows of one layer are taken one at a time
+            if blk[1] == "r" and blk[2] == l and kind in "rv":  # one change to a grouped-query layer at a time
                 continue
             c, g = _block_cost(cm, blk[1], blk[2], d, per_dim, _size(blk[3]))
             if t - c >= lower:
@@ -391,7 +416,7 @@ def swap_to_budget(
                 dropped.append(blk)
         if lower <= t <= budget:
             for blk, value in [((None, kind, l, j), True)] + [(b, False) for b in dropped]:
-                target = heads[blk[2]] if blk[1] in "hr" else neurons[blk[2]] if blk[1] == "n" else hidden
+                target = heads[blk[2]] if blk[1] in "hrv" else neurons[blk[2]] if blk[1] == "n" else hidden
                 target[blk[3]] = value
             return heads, neurons, hidden
     return heads, neurons, hidden
@@ -403,13 +428,20 @@ def _size(index: Any) -> int:
 
 def _gqa_rows(kept: torch.Tensor, allowed: torch.Tensor, dens: torch.Tensor, g: int, layer: int
               ) -> list[tuple[float, str, int, list[int], bool]]:
-    """The row that can be taken back and the row that can be dropped in one grouped-query layer (see
-    :func:`swap_to_budget`)."""
+    """The row that can be taken back, the row that can be dropped and the dead groups that can come back whole in
+    one grouped-query layer (see :func:`swap_to_budget`)."""
     k, a, s = heads_by_group(kept, g), heads_by_group(allowed, g), heads_by_group(dens, g).float()
-    live = torch.nonzero(kv_heads_kept(kept, g)).flatten().tolist()
-    if not live:
-        return []
+    alive = kv_heads_kept(kept, g)
+    live = torch.nonzero(alive).flatten().tolist()
+    size = int(k[live[0]].sum()) if live else 1
     rows = []
+    for q in torch.nonzero(~alive).flatten().tolist():  # a dead group brought back whole
+        free = torch.nonzero(a[q]).flatten()
+        if len(free) >= size:
+            best = [q * g + int(j) for j in free[torch.argsort(s[q, free], descending=True, stable=True)][:size]]
+            rows.append((float(dens[best].float().mean()), "v", layer, best, False))
+    if not live:
+        return rows
     addable = [torch.nonzero(~k[q] & a[q]).flatten() for q in live]
     if all(len(c) for c in addable):
         best = [q * g + int(c[s[q, c].argmax()]) for q, c in zip(live, addable)]
