@@ -120,3 +120,37 @@ def test_export_speed_times_the_suites_exports(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["export_speed.py", "--runs", str(tmp_path / "runs"), "--seed", "43"])
     with pytest.raises(SystemExit):  # nothing of seed 43: a clear error, not an empty file
         bench.main()
+
+
+def test_export_profile_splits_the_time_by_operator_group(tmp_path, monkeypatch):
+    """export_profile.py profiles dense MiniLM and a suite export on the same batch and sums the operators' time into
+    groups: with half of every layer's heads and neurons removed the export keeps 6 heads and 768 neurons per layer,
+    its projections take less time than the dense model's, and the groups add up to the total."""
+    import peft
+    import transformers
+
+    import apt_hf
+
+    bench = load("export_profile")
+    assert [bench.group_of(op) for op in ("aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                                          "aten::gelu", "aten::native_layer_norm", "aten::add")] == [
+        "projections", "attention", "activation", "layer_norm", "other"]
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(bench.minilm_path(), num_labels=2)
+    pm = peft.get_peft_model(base, apt_hf.APTConfig(task_type="SEQ_CLS"))
+    masks = apt_hf.get_masks(pm)
+    for heads, neurons in zip(masks.heads, masks.neurons):
+        heads.data[: heads.numel() // 2] = 0
+        neurons.data[: neurons.numel() // 2] = 0
+    apt_hf.export_pruned(pm, tmp_path / "runs" / "cola" / "seed42" / "apt" / "export")
+    out = tmp_path / "profile.json"
+    monkeypatch.setattr(sys, "argv", ["export_profile.py", "--runs", str(tmp_path / "runs"), "--repeats", "1",
+                                      "--out", str(out)])
+    bench.main()
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["pruned_shapes"] == {"heads": [6] * 6, "neurons": [768] * 6, "hidden": 384}
+    for model in ("dense", "pruned"):
+        groups = row[model]["groups_ms"]
+        assert {"projections", "attention", "layer_norm"} <= set(groups)
+        assert abs(sum(groups.values()) - row[model]["total_ms"]) < 1e-6
+    assert row["pruned"]["groups_ms"]["projections"] < row["dense"]["groups_ms"]["projections"]
+    assert row["speedup_total"] > 0
