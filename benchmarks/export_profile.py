@@ -76,11 +76,12 @@ def profile_ms(models: list[torch.nn.Module], batch_size: int, seq_length: int, 
     return out
 
 
-def layer_shapes(model: torch.nn.Module) -> dict:
-    """Kept heads and neurons per layer and the hidden width of a BERT-family export."""
+def layer_shapes(model: torch.nn.Module, head_dim: int) -> dict:
+    """Kept heads and neurons per layer and the hidden width of a BERT-family export, read from the output
+    projections' input widths (a layer without heads has an ``EmptyAttention`` core but keeps its output projection)."""
     layers = model.base_model.encoder.layer
-    return {"heads": [l.attention.self.query.out_features // l.attention.self.attention_head_size for l in layers],
-            "neurons": [l.intermediate.dense.out_features for l in layers],
+    return {"heads": [l.attention.output.dense.in_features // head_dim for l in layers],
+            "neurons": [l.output.dense.in_features for l in layers],
             "hidden": model.base_model.embeddings.word_embeddings.embedding_dim}
 
 
@@ -110,7 +111,8 @@ def main() -> None:
         rows.append({"task": task, "method": method, "export": str(folder),
                      "density": apt_hf.count_params(pruned) / apt_hf.count_params(dense),
                      "dense": d, "pruned": q, "speedup_total": d["total_ms"] / q["total_ms"],
-                     "speedup_by_group": ratio, "pruned_shapes": layer_shapes(pruned)})
+                     "speedup_by_group": ratio,
+                     "pruned_shapes": layer_shapes(pruned, dense.config.hidden_size // dense.config.num_attention_heads)})
         print(f"{task} {method}: total {rows[-1]['speedup_total']:.2f}x; "
               + ", ".join(f"{k} {d['groups_ms'][k]:.0f}->{q['groups_ms'].get(k, 0):.0f} ms" for k in d["groups_ms"]),
               flush=True)
