@@ -124,8 +124,9 @@ def test_export_speed_times_the_suites_exports(tmp_path, monkeypatch):
 
 def test_export_profile_splits_the_time_by_operator_group(tmp_path, monkeypatch):
     """export_profile.py profiles dense MiniLM and a suite export on the same batch and sums the operators' time into
-    groups: with half of every layer's heads and neurons removed the export keeps 6 heads and 768 neurons per layer,
-    its projections take less time than the dense model's, and the groups add up to the total."""
+    groups: with half of every layer's heads and neurons removed (all heads of the first layer) the export keeps 0,
+    then 6 heads and 768 neurons per layer, its projections take less time than the dense model's, and the groups
+    add up to the total."""
     import peft
     import transformers
 
@@ -141,13 +142,14 @@ def test_export_profile_splits_the_time_by_operator_group(tmp_path, monkeypatch)
     for heads, neurons in zip(masks.heads, masks.neurons):
         heads.data[: heads.numel() // 2] = 0
         neurons.data[: neurons.numel() // 2] = 0
+    masks.heads[0].data[:] = 0  # a layer without heads: its core becomes an EmptyAttention
     apt_hf.export_pruned(pm, tmp_path / "runs" / "cola" / "seed42" / "apt" / "export")
     out = tmp_path / "profile.json"
     monkeypatch.setattr(sys, "argv", ["export_profile.py", "--runs", str(tmp_path / "runs"), "--repeats", "1",
                                       "--out", str(out)])
     bench.main()
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["pruned_shapes"] == {"heads": [6] * 6, "neurons": [768] * 6, "hidden": 384}
+    assert row["pruned_shapes"] == {"heads": [0] + [6] * 5, "neurons": [768] * 6, "hidden": 384}
     for model in ("dense", "pruned"):
         groups = row[model]["groups_ms"]
         assert {"projections", "attention", "layer_norm"} <= set(groups)
