@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the main job: a short real APT run on SST-2 with all-MiniLM-L6-v2, ending with a summary.
-# Self-distillation is off here (the paper's "w/o D_S" variant): in a run this short (188 steps) the first teacher is
-# a near-chance snapshot, and in the README's paper-shaped benchmark the full method (with its default of skipping a
-# teacher that gives a batch one answer) is ahead of w/o D_S on MRPC, RTE and CoLA but 1.5 points behind on SST-2,
-# the task this job runs. Drop the flag for the full method. Reruns start over
-# (--overwrite_output_dir, --overwrite_export).
+# Self-distillation is off here (the paper's "w/o D_S" variant): the full method (with its default of skipping a
+# teacher that gives a batch one answer) is ahead of w/o D_S on the README benchmark's average over five tasks (72.0
+# against 68.3 % of FT, three seeds), but behind on SST-2, the task this job runs, at every seed (97.6 against 99.1 %)
+# and in runs this short (188 steps; the first teacher is a near-chance snapshot). Drop the flag for the full method.
+# Reruns start over (--overwrite_output_dir, --overwrite_export).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 python examples/run_glue.py \
