@@ -290,16 +290,14 @@ def fill_budget(
         for grp in torch.nonzero(~live).flatten().tolist():
             free = torch.nonzero(~heads_by_group(t, g)[grp]).flatten()
             if len(free) >= size:
-                best = free[torch.argsort(heads_by_group(dens, g)[grp][free], descending=True, stable=True)][:size]
-                revive[(l, grp)] = [grp * g + int(j) for j in best]
+                revive[(l, grp)] = [grp * g + j for j in _densest(free, heads_by_group(dens, g)[grp])[:size]]
                 candidates.append((float(sum(float(dens[j]) for j in revive[(l, grp)]) / size), "v", l, grp))
         if not alive:
             continue
         per_group = []
         for grp in alive:
             free = torch.nonzero(~heads_by_group(t, g)[grp]).flatten()
-            order = free[torch.argsort(heads_by_group(dens, g)[grp][free], descending=True, stable=True)]
-            per_group.append([grp * g + int(j) for j in order])
+            per_group.append([grp * g + j for j in _densest(free, heads_by_group(dens, g)[grp])])
         for r in range(min(len(p) for p in per_group)):
             rows[(l, r)] = [p[r] for p in per_group]
             candidates.append((float(sum(float(dens[j]) for j in rows[(l, r)]) / len(rows[(l, r)])), "r", l, r))
@@ -422,6 +420,11 @@ def swap_to_budget(
     return heads, neurons, hidden
 
 
+def _densest(free: torch.Tensor, dens: torch.Tensor) -> list[int]:
+    """The indices ``free`` ordered by descending ``dens`` (ties: lower index first)."""
+    return [int(j) for j in free[torch.argsort(dens[free], descending=True, stable=True)]]
+
+
 def _size(index: Any) -> int:
     return len(index) if isinstance(index, list) else 1
 
@@ -438,7 +441,7 @@ def _gqa_rows(kept: torch.Tensor, allowed: torch.Tensor, dens: torch.Tensor, g: 
     for q in torch.nonzero(~alive).flatten().tolist():  # a dead group brought back whole
         free = torch.nonzero(a[q]).flatten()
         if len(free) >= size:
-            best = [q * g + int(j) for j in free[torch.argsort(s[q, free], descending=True, stable=True)][:size]]
+            best = [q * g + j for j in _densest(free, s[q])[:size]]
             rows.append((float(dens[best].float().mean()), "v", layer, best, False))
     if not live:
         return rows
