@@ -23,14 +23,12 @@ import sys
 from pathlib import Path
 
 import torch
-import transformers
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from export_speed import exports  # noqa: E402
-from utils_examples import minilm_path  # noqa: E402
+from export_speed import add_run_args, load_pair, parse_and_find  # noqa: E402
 
 import apt_hf  # noqa: E402
 
@@ -87,32 +85,18 @@ def layer_shapes(model: torch.nn.Module, head_dim: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", default=str(ROOT / "runs" / "suite"), help="glue_suite.py's --out folder.")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--methods", default="apt", help="Methods whose exports are profiled (comma-separated).")
-    p.add_argument("--repeats", type=int, default=5, help="Profiled batch-32 passes per model.")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()  # the dense model's fresh task head is expected
-    transformers.utils.logging.disable_progress_bar()
-    found = exports(Path(args.runs), args.seed, args.methods.split(","))
-    if not found:
-        p.error(f"no exported model of seed {args.seed} under {args.runs}; run benchmarks/glue_suite.py first")
+    add_run_args(p, "apt", 5, "Profiled batch-32 passes per model.")
+    args, found = parse_and_find(p)
     load_before, rows = os.getloadavg()[0], []
     for task, method, folder in found:
-        pruned = apt_hf.load_pruned(folder)
-        dense = transformers.AutoModelForSequenceClassification.from_pretrained(
-            minilm_path(), num_labels=pruned.config.num_labels,
-            attn_implementation=pruned.config._attn_implementation)
+        dense, pruned = load_pair(folder)
+        head_dim = dense.config.hidden_size // dense.config.num_attention_heads
         d, q = profile_ms([dense, pruned], 32, 128, args.repeats)
         ratio = {k: d["groups_ms"][k] / q["groups_ms"][k] for k in d["groups_ms"] if q["groups_ms"].get(k)}
         rows.append({"task": task, "method": method, "export": str(folder),
                      "density": apt_hf.count_params(pruned) / apt_hf.count_params(dense),
                      "dense": d, "pruned": q, "speedup_total": d["total_ms"] / q["total_ms"],
-                     "speedup_by_group": ratio,
-                     "pruned_shapes": layer_shapes(pruned, dense.config.hidden_size // dense.config.num_attention_heads)})
+                     "speedup_by_group": ratio, "pruned_shapes": layer_shapes(pruned, head_dim)})
         print(f"{task} {method}: total {rows[-1]['speedup_total']:.2f}x; "
               + ", ".join(f"{k} {d['groups_ms'][k]:.0f}->{q['groups_ms'].get(k, 0):.0f} ms" for k in d["groups_ms"]),
               flush=True)

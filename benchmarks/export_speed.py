@@ -41,10 +41,38 @@ def exports(runs: Path, seed: int, methods: list[str]) -> list[tuple[str, str, P
     return found
 
 
-def measure(task: str, method: str, folder: Path, repeats: int) -> dict:
+def load_pair(folder: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The dense MiniLM classifier (same labels and attention implementation) and the export in ``folder``."""
     pruned = apt_hf.load_pruned(folder)
     dense = transformers.AutoModelForSequenceClassification.from_pretrained(
         minilm_path(), num_labels=pruned.config.num_labels, attn_implementation=pruned.config._attn_implementation)
+    return dense, pruned
+
+
+def add_run_args(p: argparse.ArgumentParser, methods: str, repeats: int, repeats_help: str) -> None:
+    """The options this script shares with ``export_profile.py``: where the exports are, which, and how to time."""
+    p.add_argument("--runs", default=str(ROOT / "runs" / "suite"), help="glue_suite.py's --out folder.")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--methods", default=methods, help="Methods whose exports are measured (comma-separated).")
+    p.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None)
+
+
+def parse_and_find(p: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[tuple[str, str, Path]]]:
+    """Parse, set the thread count and quiet logging, and find the exports (a clear error when there are none)."""
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()  # the dense model's fresh task head is expected
+    transformers.utils.logging.disable_progress_bar()
+    found = exports(Path(args.runs), args.seed, args.methods.split(","))
+    if not found:
+        p.error(f"no exported model of seed {args.seed} under {args.runs}; run benchmarks/glue_suite.py first")
+    return args, found
+
+
+def measure(task: str, method: str, folder: Path, repeats: int) -> dict:
+    dense, pruned = load_pair(folder)
     dense_32, pruned_32 = median_latencies([dense, pruned], 32, 128, repeats)
     dense_1, pruned_1 = median_latencies([dense, pruned], 1, 128, 5 * repeats)
     return {"task": task, "method": method, "export": str(folder), "density": apt_hf.count_params(pruned)
@@ -55,19 +83,8 @@ def measure(task: str, method: str, folder: Path, repeats: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", default=str(ROOT / "runs" / "suite"), help="glue_suite.py's --out folder.")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--methods", default="apt,apt_wo_DS", help="Methods whose exports are timed (comma-separated).")
-    p.add_argument("--repeats", type=int, default=10, help="Batch-32 passes per model (batch 1: five times as many).")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()  # the dense model's fresh task head is expected
-    transformers.utils.logging.disable_progress_bar()
-    found = exports(Path(args.runs), args.seed, args.methods.split(","))
-    if not found:
-        p.error(f"no exported model of seed {args.seed} under {args.runs}; run benchmarks/glue_suite.py first")
+    add_run_args(p, "apt,apt_wo_DS", 10, "Batch-32 passes per model (batch 1: five times as many).")
+    args, found = parse_and_find(p)
     load_before, rows = os.getloadavg()[0], []
     for task, method, folder in found:
         rows.append(measure(task, method, folder, args.repeats))

