@@ -349,9 +349,9 @@ def _block_cost(cm, kind: str, l: int, d: int, per_dim: float, size: int = 1) ->
     if kind == "r":  # a row of a grouped-query layer: one query head (q and o) in each of ``size`` live groups
         return cm.query_heads_cost(l, d, size, kv=False)
     if kind == "v":  # a key/value group brought back: its key/value head and ``size`` query heads
-        (q, q_grow), (one, one_grow), (bare, bare_grow) = (cm.query_heads_cost(l, d, size, kv=False),
-                                                           cm.query_heads_cost(l, d), cm.query_heads_cost(l, d, kv=False))
-        return q + one - bare, q_grow + one_grow - bare_grow
+        q, q_grow = cm.query_heads_cost(l, d, size, kv=False)
+        (one, one_grow), (bare, bare_grow) = cm.query_heads_cost(l, d), cm.query_heads_cost(l, d, kv=False)
+        return q + one - bare, q_grow + one_grow - bare_grow  # one key/value head: a head with kv minus one without
     if kind == "n":
         return cm.ffn_mats[l] * d + cm.ffn_in_bias[l], cm.ffn_mats[l]
     return per_dim, 0.0
@@ -376,8 +376,8 @@ def swap_to_budget(
     ``kept`` unchanged. In grouped-query layers the unit is a row, as in :func:`fill_budget`: taking one back adds
     the best remaining query head of every live key/value group (when each has one), dropping one removes the least
     dense kept head of every group (when each keeps two or more, so no group dies); a row's density is the mean of
-    its heads'. A dead key/value group can be taken back whole, as in :func:`fill_budget`. Blocks not in ``allowed`` (e.g. held back while distilling) are never touched. The result never
-    exceeds ``budget``.
+    its heads'. A dead key/value group can be taken back whole, as in :func:`fill_budget`. Blocks not in
+    ``allowed`` (e.g. held back while distilling) are never touched. The result never exceeds ``budget``.
     """
     cm = count_model
     heads, neurons, hidden = [h.clone() for h in kept[0]], [n.clone() for n in kept[1]], kept[2].clone()
